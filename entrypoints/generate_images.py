@@ -1,0 +1,192 @@
+"""generate_images: text/class prompts -> PNG images with plain AR (base) or speculative decoding (eagle).
+
+Outputs in ``--output_dir`` (as the original): ``prompt_{idx}.png``, ``global_statistics_{start}_{end}.json``
+(per prompt: ``prompt``, ``latency``, ``step_compression`` and more) and ``generation_configs.json``.
+Finished images are kept: rerunning the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from entrypoints.common import (
+    UserError,
+    add_device_args,
+    load_prompts,
+    resolve_device,
+    resolve_dtype,
+    run_cli,
+)
+from models.checkpoints import write_json_atomic
+from models.registry import MODELS
+from models.sampling import SamplingConfig
+
+
+def parse_args() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="generate_images",
+        description="Generate images with plain autoregressive decoding (--model_type base) or speculative "
+        "decoding (--model_type eagle; exact EAGLE-2, LANTERN with --lantern, LANTERN++ with --static_tree).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="demo", choices=list(MODELS), help="model family / checkpoint set")
+    g.add_argument("--model_type", default="base", choices=["base", "eagle", "vllm"], help="decoding engine")
+    g.add_argument("--model_path", default=None, help="target checkpoint (file or folder); default: the ckpts/ layout")
+    g.add_argument("--vq_path", default=None, help="VQ tokenizer checkpoint; default: the ckpts/ layout")
+    g.add_argument("--t5_path", default=None, help="local FLAN-T5 folder for LlamaGen T2I")
+    g.add_argument("--drafter_path", default=None, help="EAGLE drafter folder (config.json + weights)")
+    g.add_argument("--image_size", type=int, default=None, help="image size for LlamaGen C2I .pt checkpoints (256/384)")
+    add_device_args(g)
+
+    g = p.add_argument_group("prompts and outputs")
+    g.add_argument("--prompt", default=None,
+                   help="a named set (PartiPrompts, SJDPrompts, MSCOCO2017Val, MSCOCO2014Val, MSCOCO2017Train), "
+                   "a prompt file (.txt one per line, .tsv with a Prompt column, .json list) or a literal prompt; "
+                   "default: the model's own prompt file (demo: the ten digits)")
+    g.add_argument("--prompt_dir", default=None, help="folder holding the named prompt sets (default data/prompts)")
+    g.add_argument("--num_images", type=int, default=None,
+                   help="number of prompts to use (a literal prompt is repeated this many times); default all / 10")
+    g.add_argument("--slice", default=None, help="range of the prompt list, 'start-end'")
+    g.add_argument("--output_dir", default="generated_images", help="where images and statistics go")
+    g.add_argument("--save_tokens", action="store_true", help="also save the generated token ids (prompt_{idx}_tokens.npy)")
+    g.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--set_seed", action="store_true", help="make the run reproducible (image idx uses seed random_seed+idx)")
+    g.add_argument("--random_seed", type=int, default=42)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: the model's")
+    g.add_argument("--top_k", type=int, default=None, help="0 = off; default: the model's")
+    g.add_argument("--top_p", type=float, default=None, help="1 = off; default: the model's")
+    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off); default: the model's")
+
+    g = p.add_argument_group("speculative decoding (--model_type eagle)")
+    g.add_argument("--lantern", action="store_true", help="relaxed acceptance over latent neighbourhoods (LANTERN / LANTERN++)")
+    g.add_argument("--lantern_k", type=int, default=1000, help="neighbourhood size k")
+    g.add_argument("--lantern_delta", type=float, default=0.1,
+                   help="original shared flag: <= 1 is LANTERN's TVD budget delta, > 1 is LANTERN++'s lambda")
+    g.add_argument("--static_tree", action="store_true", help="static tree of sampled drafts (EAGLE-1 style, LANTERN++)")
+    g.add_argument("--tree_choices", default="mc_sim_7b_63", help="static tree: a named choice list or a JSON list of paths")
+    g.add_argument("--eagle_version", type=int, default=2, choices=[1, 2], help="1 = static tree, 2 = dynamic tree")
+    g.add_argument("--cfg_mode", default="sequential", choices=["sequential", "parallel"], help="Lumina-mGPT CFG layout")
+    g.add_argument("--top_k_draft", type=int, default=10, help="dynamic tree: children per expanded node")
+    g.add_argument("--depth", type=int, default=4, help="dynamic tree: draft depth")
+    g.add_argument("--total_token", type=int, default=59, help="dynamic tree: nodes kept per tree (incl. the root)")
+    g.add_argument("--drafter_top_k", type=int, default=None, help="restrict the drafter's distribution to its top-k")
+    g.add_argument("--codebook_path", default=None, help="neighbour table for --lantern (generate_codebook output)")
+    return p
+
+
+def _sampling(args: argparse.Namespace, defaults) -> tuple[SamplingConfig, float]:
+    sampling = SamplingConfig(
+        temperature=defaults.temperature if args.temperature is None else args.temperature,
+        top_k=defaults.top_k if args.top_k is None else args.top_k,
+        top_p=defaults.top_p if args.top_p is None else args.top_p,
+    )
+    return sampling, defaults.cfg if args.cfg is None else args.cfg
+
+
+def default_prompt(model: str) -> tuple[str, int | None]:
+    if model == "demo":
+        from models.registry import REPO_ROOT
+
+        return str(REPO_ROOT / "data" / "prompts" / "demo_digits.txt"), None
+    return "PartiPrompts", 10
+
+
+def run_generate_image(args: argparse.Namespace) -> dict:
+    """Generate every selected prompt; returns the statistics dict that is also written to disk."""
+    if args.model_type == "vllm":
+        raise UserError("--model_type vllm is not supported in this version (it needs the patched vLLM 0.6.3 of the "
+                        "original); use base or eagle")
+    from models.registry import load_family
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.precision, device)
+    prompt, default_n = (args.prompt, None) if args.prompt else default_prompt(args.model)
+    items = load_prompts(prompt, args.prompt_dir, args.num_images if args.num_images is not None else default_n, args.slice)
+
+    family = load_family(args.model, device, dtype, args.model_path, args.vq_path, args.t5_path, args.image_size)
+    sampling, cfg_scale = _sampling(args, family.defaults)
+    decoder = None
+    if args.model_type == "eagle":
+        from models.ea_model import build_speculative_decoder
+
+        decoder = build_speculative_decoder(family, args, sampling, cfg_scale)
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start, end = items[0][0], items[-1][0] + 1
+    stats_path = out / f"global_statistics_{start}_{end}.json"
+    stats: dict = json.loads(stats_path.read_text()) if stats_path.exists() and not args.overwrite else {}
+    config = {k: v for k, v in vars(args).items()}
+    config.update(resolved_temperature=sampling.temperature, resolved_top_k=sampling.top_k,
+                  resolved_top_p=sampling.top_p, resolved_cfg=cfg_scale, resolved_device=str(device),
+                  resolved_precision=str(dtype).replace("torch.", ""))
+    write_json_atomic(config, out / "generation_configs.json")
+
+    todo = [(i, p) for i, p in items if args.overwrite or f"prompt_{i}" not in stats or not (out / f"prompt_{i}.png").exists()]
+    if len(todo) < len(items):
+        print(f"resuming: {len(items) - len(todo)} of {len(items)} images already in {out}")
+    from torchvision.utils import save_image
+
+    bar = tqdm(todo, desc=f"{args.model}/{args.model_type}", unit="img")
+    for idx, prompt_text in bar:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(args.random_seed + idx if args.set_seed else int(torch.randint(0, 2**62, (1,))))
+        prefix = family.build_prefix([prompt_text], cfg_scale)
+        if decoder is None:
+            from models.generation import generate_ar
+
+            tokens, gstats = generate_ar(family.target, prefix, family.num_image_tokens, sampling, generator,
+                                         family.allowed_tokens)
+            entry = {"step_compression": 1.0}
+        else:
+            tokens, gstats = decoder.generate(prefix, generator)
+            entry = {"step_compression": gstats.extra["step_compression"]}
+        image = family.decode_images(tokens)
+        tmp = out / f"prompt_{idx}.tmp.png"
+        save_image(image, tmp)
+        tmp.replace(out / f"prompt_{idx}.png")
+        if args.save_tokens:
+            np.save(out / f"prompt_{idx}_tokens.npy", tokens[0].cpu().numpy())
+        entry = {"prompt": prompt_text, "latency": gstats.latency, **entry,
+                 "tokens_per_second": gstats.tokens_per_second, "num_tokens": gstats.num_tokens,
+                 "target_forwards": gstats.target_forwards, **{k: v for k, v in gstats.extra.items() if k != "step_compression"}}
+        stats[f"prompt_{idx}"] = entry
+        write_json_atomic(stats, stats_path)
+        bar.set_postfix(latency=f"{gstats.latency:.2f}s", tau=f"{entry['step_compression']:.2f}")
+    _print_summary(stats, items)
+    return stats
+
+
+def _print_summary(stats: dict, items: list[tuple[int, str]]) -> None:
+    rows = [stats[f"prompt_{i}"] for i, _ in items if f"prompt_{i}" in stats]
+    if not rows:
+        return
+    lat = np.mean([r["latency"] for r in rows])
+    tps = np.mean([r["tokens_per_second"] for r in rows])
+    tau = np.mean([r["step_compression"] for r in rows])
+    print(f"{len(rows)} images | mean latency {lat:.3f} s | {tps:.1f} tokens/s | mean step compression (tau) {tau:.2f}")
+    if "acceptance_by_depth" in rows[0]:
+        depth_rates = np.nanmean(np.array([r["acceptance_by_depth"] for r in rows], dtype=float), axis=0)
+        print("acceptance rate by depth: " + ", ".join(f"d{d + 1} {r:.2f}" for d, r in enumerate(depth_rates)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args().parse_args(argv)
+    t0 = time.perf_counter()
+    run_generate_image(args)
+    print(f"done in {time.perf_counter() - t0:.1f} s; outputs in {args.output_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

@@ -1,0 +1,112 @@
+"""Plain autoregressive decoding with a pre-allocated KV cache and classifier-free guidance.
+
+Family-agnostic: a target exposes ``forward_hidden``, ``lm_head``, ``embed_tokens`` and ``new_cache``; the
+family adapter supplies the prefix (condition embeddings for [cond; uncond] rows and which prefix positions
+are real, not padding). This is the baseline that speculative decoding must reproduce exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from models.sampling import SamplingConfig, cfg_combine, sample_token
+
+
+@dataclass
+class Prefix:
+    """Condition prefix for one batch: rows [cond; uncond] when CFG is on, cond only otherwise."""
+
+    embeddings: torch.Tensor  # (rows, T, dim)
+    valid: torch.Tensor  # (rows, T) bool: False at padding positions (never attended to)
+    cfg_scale: float = 1.0
+
+    @property
+    def rows(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.embeddings.shape[1]
+
+
+def prefix_attention_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(rows, T) validity -> (rows, 1, T, T) bool mask: causal, padded columns hidden, diagonal always visible.
+
+    The diagonal exception is LlamaGen's: a padded query attends to itself only, so no row is empty.
+    """
+    t = valid.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(t, dtype=torch.bool, device=valid.device)
+    return ((causal & valid[:, None, :]) | eye)[:, None]
+
+
+def key_validity(prefix: Prefix, total_len: int) -> torch.Tensor:
+    """(rows, total_len) bool: the prefix validity followed by True for every generated position."""
+    tail = torch.ones(prefix.rows, total_len - prefix.length, dtype=torch.bool, device=prefix.valid.device)
+    return torch.cat([prefix.valid, tail], dim=1)
+
+
+@torch.no_grad()
+def prefill(target, prefix: Prefix, cache) -> torch.Tensor:
+    """Run the condition prefix through the target, filling the cache; returns the last hidden states (rows, T, dim)."""
+    pos = torch.arange(prefix.length, device=prefix.embeddings.device)
+    hidden = target.forward_hidden(prefix.embeddings, pos, cache, pos, prefix_attention_mask(prefix.valid))
+    cache.length = prefix.length
+    return hidden
+
+
+@dataclass
+class GenerationStats:
+    latency: float = 0.0
+    num_tokens: int = 0
+    target_forwards: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_tokens / self.latency if self.latency > 0 else float("nan")
+
+
+@torch.no_grad()
+def generate_ar(
+    target,
+    prefix: Prefix,
+    num_tokens: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+    allowed_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, GenerationStats]:
+    """Sample ``num_tokens`` image tokens for every prompt of the prefix -> (B, num_tokens), stats.
+
+    One target forward per token after the prefill; the unconditional rows receive the same tokens as the
+    conditional ones. ``allowed_tokens`` (V,) bool restricts sampling to a family's image vocabulary.
+    """
+    start = time.perf_counter()
+    rows, t = prefix.rows, prefix.length
+    batch = rows // 2 if prefix.cfg_scale != 1.0 else rows
+    cache = target.new_cache(rows, t + num_tokens)
+    keys_valid = key_validity(prefix, t + num_tokens)
+    hidden = prefill(target, prefix, cache)
+    logits = target.lm_head(hidden[:, -1]).float()
+    out = torch.empty(batch, num_tokens, dtype=torch.long, device=hidden.device)
+    forwards = 1
+    for i in range(num_tokens):
+        combined = cfg_combine(logits, prefix.cfg_scale)
+        if allowed_tokens is not None:
+            combined = combined.masked_fill(~allowed_tokens, float("-inf"))
+        token = sample_token(combined, sampling, generator)
+        out[:, i] = token
+        if i == num_tokens - 1:
+            break
+        pos = torch.tensor([t + i], device=hidden.device)
+        ids = token.repeat(rows // batch)[:, None]
+        h = target.forward_hidden(target.embed_tokens(ids), pos, cache, pos, keys_valid[:, None, None, : t + i + 1])
+        logits = target.lm_head(h[:, -1]).float()
+        forwards += 1
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    stats = GenerationStats(time.perf_counter() - start, num_tokens * batch, forwards)
+    return out, stats
