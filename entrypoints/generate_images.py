@@ -94,12 +94,14 @@ def _sampling(args: argparse.Namespace, defaults) -> tuple[SamplingConfig, float
     return sampling, defaults.cfg if args.cfg is None else args.cfg
 
 
-def default_prompt(model: str) -> tuple[str, int | None]:
-    if model == "demo":
-        from models.registry import REPO_ROOT
+DEFAULT_PROMPT_FILES = {"demo": "demo_digits.txt", "llamagen_c2i": "imagenet_classes.txt"}
 
-        return str(REPO_ROOT / "data" / "prompts" / "demo_digits.txt"), None
-    return "PartiPrompts", 10
+
+def default_prompt(model: str) -> tuple[str, int | None]:
+    """The project's own small prompt files (the public sets are read from --prompt_dir, never copied)."""
+    from models.registry import REPO_ROOT
+
+    return str(REPO_ROOT / "data" / "prompts" / DEFAULT_PROMPT_FILES.get(model, "sample_prompts.txt")), None
 
 
 def run_generate_image(args: argparse.Namespace) -> dict:

@@ -202,8 +202,12 @@ def load_llamagen_vq(path: str | Path, device: torch.device | str = "cpu", dtype
         sd = load_folder_weights(path)
     else:
         sd = _strip_prefixes(load_weight_file(path))
-        n, d = sd["quantize.embedding.weight"].shape
-        cfg = VQConfig(codebook_size=n, codebook_embed_dim=d)  # VQ_16: ch 128, ch_mult [1,1,2,2,4], z 256
+        sidecar = path.with_suffix(".json")
+        if sidecar.exists():  # sizes other than LlamaGen's VQ-16
+            cfg = VQConfig.from_dict(read_json(sidecar))
+        else:
+            n, d = sd["quantize.embedding.weight"].shape
+            cfg = VQConfig(codebook_size=n, codebook_embed_dim=d)  # VQ_16: ch 128, ch_mult [1,1,2,2,4], z 256
     model = VQModel(cfg)
     check_state_dict(model, sd, str(path))
     model.load_state_dict(sd, strict=True)
