@@ -1,0 +1,465 @@
+r"""Acceptance rules for (relaxed) speculative tree verification, as pure tensor functions.
+
+Notation (ours, the papers use the opposite letters): **p = target (verifier) distribution**,
+**q = drafter distribution**. ``target_probs`` are the *processed* target probabilities at a node (after CFG,
+temperature, top-k, top-p, softmax); ``draft_probs`` the drafter's.
+
+Relaxation (SPEC §3). For a candidate x with latent neighbours N_1(x), N_2(x), … in distance order (first k)::
+
+    c_m  = p(N_1) + … + p(N_m)                      m = 1..k
+    LANTERN   (δ):  m* = largest m with c_m ≤ δ
+    LANTERN++ (λ):  m* = largest m with c_m ≤ (λ − 1)·p(x)       ⇒ p̃(x) ≤ λ·p(x)
+    p̃(x) = p(x) + c_{m*}                            (m* = 0 ⇒ p̃(x) = p(x))
+
+c_m is non-decreasing, so m* = #{m : c_m ≤ budget} and the aggregated set is the strict prefix N_1..N_{m*}.
+The relaxed target P̃_x moves the mass of N_1..N_{m*} onto x; TVD(p, P̃_x) = c_{m*}.
+
+Sibling tests (children of one node, in drafting order x_1, x_2, …; r_1 = p):
+
+* dynamic tree (EAGLE-2, deterministic top-k drafts, q(x) = 1): accept x_j with probability p̃_j(x_j),
+  computed on the current residual r_j; on rejection r_{j+1} = normalise(r_j with x_j and N_1..N_{m*_j}
+  zeroed) — this is exactly normalise(max(0, P̃_{x_j} − δ_{x_j})), the speculative residual for q = δ_{x_j}.
+* static tree (EAGLE-1 / LANTERN++, children sampled without replacement from Q): the j-th child has
+  q_j(x) = Q(x) / (1 − Σ_{l<j} Q(x_l)) on the not-yet-drawn support; accept with probability
+  min(1, P̃_{x_j}(x_j) / q_j(x_j)) where P̃ is built on r_j; on rejection
+  r_{j+1} = normalise(max(0, P̃_{x_j} − q_j)) (SpecInfer-style recursive rejection sampling).
+* if no child is accepted the next token is drawn from the final residual; at a leaf, from p.
+
+With relaxation off both rules are exactly lossless: the output token is distributed as p (tests prove it).
+With relaxation on, the output of the dynamic rule is within Σ_j P(reach j)·c_{m*_j} ≤ (#children)·δ of p in
+total variation (each stage outputs P̃ on its residual, see ``tests/test_acceptance.py``).
+
+Greedy (temperature 0): x passes iff it is the argmax of p after replacing p(x) by p̃(x) (ties → lowest
+index, as ``torch.argmax``); the token after the accepted prefix is the plain argmax of p.
+
+Differences from the original LANTERN code (deliberate): the original zeroes the first k+1 neighbours of a
+rejected candidate regardless of m* and on some paths zeroes the drafter's Q instead of the target's p, so its
+residual is not the speculative residual of the relaxed target it tested against. We derive the residual from
+P̃ exactly as above (only N_1..N_{m*} and x are removed, from p), which makes the relaxation-off case lossless
+and the relaxed case analysable. The original's shared ``--lantern_delta`` flag (≤ 1 → δ, > 1 → λ) is kept via
+:meth:`AcceptConfig.from_original_flags`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .tree import DraftTree, children_table
+
+__all__ = [
+    "AcceptConfig",
+    "VerifyResult",
+    "relaxed_mass",
+    "relaxed_distribution",
+    "dynamic_sibling_test",
+    "static_sibling_test",
+    "greedy_accept",
+    "verify_tree",
+]
+
+_EPS = 1e-12  # residual mass below this is treated as empty (the branch has ~zero probability)
+
+
+@dataclass(frozen=True)
+class AcceptConfig:
+    """Which acceptance relaxation to use.
+
+    Attributes:
+        relax: None (exact speculative sampling), ``"lantern"`` (δ budget) or ``"lantern++"`` (λ budget).
+        k: number of latent neighbours considered (``lantern_k``).
+        delta: TVD budget δ in [0, 1] for ``"lantern"``.
+        lam: ratio bound λ ≥ 1 for ``"lantern++"``.
+    """
+
+    relax: Literal["lantern", "lantern++"] | None = None
+    k: int = 0
+    delta: float | None = None
+    lam: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.relax is None:
+            return
+        if self.k < 1:
+            raise ValueError("relaxed acceptance needs k >= 1 neighbours")
+        if self.relax == "lantern":
+            if self.delta is None or not 0.0 <= self.delta <= 1.0:
+                raise ValueError(f"LANTERN needs 0 <= delta <= 1, got {self.delta}")
+            if self.lam is not None:
+                raise ValueError("LANTERN uses delta, not lam")
+        elif self.relax == "lantern++":
+            if self.lam is None or self.lam < 1.0:
+                raise ValueError(f"LANTERN++ needs lam >= 1, got {self.lam}")
+            if self.delta is not None:
+                raise ValueError("LANTERN++ uses lam, not delta")
+        else:
+            raise ValueError(f"unknown relaxation {self.relax!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.relax is not None
+
+    @classmethod
+    def from_original_flags(cls, lantern: bool, lantern_k: int, lantern_delta: float) -> AcceptConfig:
+        """The original command line: ``--lantern`` on, ``--lantern_delta`` ≤ 1 is δ, > 1 is λ (LANTERN++)."""
+        if not lantern:
+            return cls()
+        if lantern_delta <= 1.0:
+            return cls(relax="lantern", k=int(lantern_k), delta=float(lantern_delta))
+        return cls(relax="lantern++", k=int(lantern_k), lam=float(lantern_delta))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Relaxed mass
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _relax_terms(
+    target_probs: torch.Tensor,
+    cand: torch.Tensor,
+    neighbours: torch.Tensor,
+    k: int,
+    delta: float | None,
+    lam: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shared core: (p(x), c_{m*}, m*, neighbour ids (..., k), in-prefix mask (..., k))."""
+    if delta is not None and lam is not None:
+        raise ValueError("give delta (LANTERN) or lam (LANTERN++), not both")
+    cand = cand.long()
+    p_x = target_probs.gather(-1, cand.unsqueeze(-1)).squeeze(-1)
+    if (delta is None and lam is None) or k <= 0:
+        zeros = torch.zeros_like(p_x)
+        nb = torch.zeros(cand.shape + (0,), dtype=torch.long, device=cand.device)
+        return p_x, zeros, torch.zeros_like(cand), nb, nb.bool()
+    nb = neighbours[:, :k].to(device=cand.device, dtype=torch.long)[cand]  # (..., k)
+    valid = nb >= 0  # -1 pads a row with fewer neighbours (e.g. non-image tokens)
+    nb_p = target_probs.gather(-1, nb.clamp(min=0)) * valid
+    c = nb_p.cumsum(-1)  # c_m, non-decreasing
+    budget = p_x.new_full(p_x.shape, float(delta)) if delta is not None else (float(lam) - 1.0) * p_x
+    within = (c <= budget.unsqueeze(-1)) & valid  # a prefix, because c is non-decreasing
+    m_star = within.sum(-1)
+    c_star = (nb_p * within).sum(-1)
+    return p_x, c_star, m_star, nb, within
+
+
+def relaxed_mass(
+    target_probs: torch.Tensor,
+    cand: torch.Tensor,
+    neighbours: torch.Tensor,
+    k: int,
+    delta: float | None,
+    lam: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relaxed target mass p̃(x) of candidates and the number m* of aggregated neighbours.
+
+    ``c_m = Σ_{i≤m} p(N_i(x))`` over the first k columns of ``neighbours`` (V, K) (distance order; -1 = no
+    neighbour). LANTERN: m* = #{m : c_m ≤ δ}; LANTERN++: m* = #{m : c_m ≤ (λ−1)·p(x)}; both equal the largest
+    qualifying m since c_m is non-decreasing. Returns ``(p̃(x) = p(x) + c_{m*}, m*)`` with shapes of ``cand``.
+    Exactly one of ``delta`` / ``lam`` is used; both None (or k = 0) means no relaxation (p̃ = p, m* = 0).
+
+    Args:
+        target_probs: (..., V) target probabilities p.
+        cand: (...,) candidate token ids x.
+    """
+    p_x, c_star, m_star, _, _ = _relax_terms(target_probs, cand, neighbours, k, delta, lam)
+    return p_x + c_star, m_star
+
+
+def _aggregate_mask(
+    target_probs: torch.Tensor, cand: torch.Tensor, nb: torch.Tensor, within: torch.Tensor
+) -> torch.Tensor:
+    """(..., V) bool mask of {x} ∪ {N_1..N_{m*}}."""
+    cand = cand.long().unsqueeze(-1)
+    idx = torch.where(within, nb, cand)  # out-of-prefix slots point at x itself (always in the set)
+    mask = torch.zeros(target_probs.shape, dtype=torch.bool, device=target_probs.device)
+    mask.scatter_(-1, idx, True)
+    mask.scatter_(-1, cand, True)
+    return mask
+
+
+def _relaxed_for(
+    target_probs: torch.Tensor, cand: torch.Tensor, cfg: AcceptConfig, neighbours: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p̃(x) (...,), aggregated mask (..., V)) under ``cfg``."""
+    if cfg.enabled and neighbours is None:
+        raise ValueError("relaxed acceptance needs a neighbour table")
+    if not cfg.enabled:
+        p_x = target_probs.gather(-1, cand.long().unsqueeze(-1)).squeeze(-1)
+        mask = torch.zeros(target_probs.shape, dtype=torch.bool, device=target_probs.device)
+        mask.scatter_(-1, cand.long().unsqueeze(-1), True)
+        return p_x, mask
+    p_x, c_star, _, nb, within = _relax_terms(target_probs, cand, neighbours, cfg.k, cfg.delta, cfg.lam)
+    return p_x + c_star, _aggregate_mask(target_probs, cand, nb, within)
+
+
+def relaxed_distribution(
+    target_probs: torch.Tensor,
+    cand: torch.Tensor,
+    neighbours: torch.Tensor,
+    k: int,
+    delta: float | None,
+    lam: float | None,
+) -> torch.Tensor:
+    """The relaxed target P̃_x (..., V): the mass of N_1(x)..N_{m*}(x) moved onto x.
+
+    ``P̃_x(x) = p̃(x)``, ``P̃_x(N_i) = 0`` for i ≤ m*, ``P̃_x(y) = p(y)`` otherwise; TVD(p, P̃_x) = c_{m*}.
+    """
+    p_x, c_star, _, nb, within = _relax_terms(target_probs, cand, neighbours, k, delta, lam)
+    mask = _aggregate_mask(target_probs, cand, nb, within)
+    out = target_probs.masked_fill(mask, 0.0)
+    return out.scatter(-1, cand.long().unsqueeze(-1), (p_x + c_star).unsqueeze(-1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sibling tests (batched over leading dims; the loop runs over sibling rank only)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _normalise_or(res: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    s = res.sum(-1, keepdim=True)
+    return torch.where(s > _EPS, res / s.clamp(min=_EPS), fallback)
+
+
+def dynamic_sibling_test(
+    target_probs: torch.Tensor,
+    children: torch.Tensor,
+    cfg: AcceptConfig,
+    neighbours: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    child_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequential test of deterministic drafts (q(x) = 1) against the target p, with relaxation.
+
+    For j = 1..c with r_1 = p: accept x_j with probability p̃_j(x_j) (relaxation on the residual r_j);
+    on rejection r_{j+1} = normalise(r_j with x_j and N_1..N_{m*_j}(x_j) zeroed). Lossless when ``cfg`` is off.
+
+    The loop over sibling rank is inherent (the set removed after rejecting x_j depends on m*_j, which is
+    computed on r_j); each iteration is vectorised over the leading dims and V, and nothing syncs.
+
+    Args:
+        target_probs: (..., V) target p at the parent node(s).
+        children: (..., c) drafted children in drafting order.
+        child_mask: (..., c) bool, False for padding slots (default: all valid).
+        generator: source of the uniform draws (one per sibling slot).
+
+    Returns:
+        ``(accepted_rank (...,) long, -1 if none, residual (..., V))``; the residual is the distribution to
+        sample the next token from when nothing was accepted (for rows that accepted it is meaningless).
+    """
+    r = target_probs
+    c = children.shape[-1]
+    if child_mask is None:
+        child_mask = torch.ones(children.shape, dtype=torch.bool, device=children.device)
+    u = torch.rand(children.shape, generator=generator, device=target_probs.device, dtype=target_probs.dtype)
+    accepted = torch.full(children.shape[:-1], -1, dtype=torch.long, device=children.device)
+    for j in range(c):
+        x = children[..., j]
+        valid = child_mask[..., j] & (accepted < 0)
+        p_tilde, agg = _relaxed_for(r, x, cfg, neighbours)
+        acc = valid & (u[..., j] < p_tilde)
+        accepted = torch.where(acc, j, accepted)
+        rejected = (valid & ~acc).unsqueeze(-1)
+        r = torch.where(rejected, _normalise_or(r.masked_fill(agg, 0.0), r), r)
+    return accepted, r
+
+
+def static_sibling_test(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    children: torch.Tensor,
+    cfg: AcceptConfig,
+    neighbours: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    child_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recursive rejection sampling of children drawn without replacement from the drafter's Q.
+
+    With r_1 = p: q_j(x) = Q(x) / (1 − Σ_{l<j} Q(x_l)) on the not-yet-drawn support (0 on x_1..x_{j-1});
+    P̃_j = relaxed target of x_j built on r_j; accept x_j with probability min(1, P̃_j(x_j) / q_j(x_j));
+    on rejection r_{j+1} = normalise(max(0, P̃_j − q_j)). Lossless when ``cfg`` is off.
+
+    A short loop over sibling rank (each step depends on the previous residual); vectorised over the leading
+    dims and V, sync-free.
+
+    Args:
+        target_probs: (..., V) target p at the parent node(s).
+        draft_probs: (..., V) drafter distribution Q the children were sampled from (without replacement).
+        children: (..., c) the draws, in sampling order.
+        child_mask: (..., c) bool, False for padding slots (default: all valid).
+
+    Returns:
+        ``(accepted_rank (...,) long, -1 if none, residual (..., V))`` as in :func:`dynamic_sibling_test`.
+    """
+    r = target_probs
+    q_rem = draft_probs.to(target_probs.dtype)
+    c = children.shape[-1]
+    if child_mask is None:
+        child_mask = torch.ones(children.shape, dtype=torch.bool, device=children.device)
+    u = torch.rand(children.shape, generator=generator, device=target_probs.device, dtype=target_probs.dtype)
+    accepted = torch.full(children.shape[:-1], -1, dtype=torch.long, device=children.device)
+    for j in range(c):
+        x = children[..., j].long()
+        valid = child_mask[..., j] & (accepted < 0)
+        q_j = _normalise_or(q_rem, q_rem)  # = Q / (1 − Σ_{l<j} Q(x_l)) for a normalised Q
+        p_tilde, agg = _relaxed_for(r, x, cfg, neighbours)
+        relaxed = r.masked_fill(agg, 0.0).scatter(-1, x.unsqueeze(-1), p_tilde.unsqueeze(-1))
+        q_x = q_j.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+        accept_prob = torch.where(q_x > 0, (p_tilde / q_x.clamp(min=_EPS)).clamp(max=1.0), (p_tilde > 0).to(r.dtype))
+        acc = valid & (u[..., j] < accept_prob)
+        accepted = torch.where(acc, j, accepted)
+        rejected = (valid & ~acc).unsqueeze(-1)
+        r = torch.where(rejected, _normalise_or((relaxed - q_j).clamp(min=0.0), relaxed), r)
+        q_rem = torch.where(child_mask[..., j, None], q_rem.scatter(-1, x.unsqueeze(-1), 0.0), q_rem)
+    return accepted, r
+
+
+def greedy_accept(
+    target_probs: torch.Tensor,
+    cand: torch.Tensor,
+    cfg: AcceptConfig,
+    neighbours: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Greedy (temperature 0) test, vectorised over candidates: (...,) bool.
+
+    x passes iff ``argmax(p with p(x) replaced by p̃(x)) == x`` (``torch.argmax``: ties → lowest index).
+    Relaxation off: x passes iff x == argmax p.
+    """
+    p_tilde, _ = _relaxed_for(target_probs, cand, cfg, neighbours)
+    lifted = target_probs.scatter(-1, cand.long().unsqueeze(-1), p_tilde.unsqueeze(-1).to(target_probs.dtype))
+    return lifted.argmax(-1) == cand
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tree verification
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of verifying one draft tree.
+
+    Attributes:
+        path: (accept_len + 1,) node indices root..last accepted node.
+        next_token: () the token after the accepted prefix (sampled from the final residual, or argmax).
+        accept_len: number of accepted drafted tokens.
+        attempted_per_depth: (max_depth,) 1 where a sibling test of the children at depth d + 1 was run.
+        accepted_per_depth: (max_depth,) 1 where a child at depth d + 1 was accepted.
+    """
+
+    path: torch.Tensor
+    next_token: torch.Tensor
+    accept_len: int
+    attempted_per_depth: torch.Tensor
+    accepted_per_depth: torch.Tensor
+
+    def accepted_tokens(self, tree: DraftTree) -> torch.Tensor:
+        """(accept_len,) the accepted drafted tokens."""
+        return tree.tokens[self.path[1:]]
+
+
+def _verify_greedy(
+    tree: DraftTree, target_probs: torch.Tensor, cfg: AcceptConfig, neighbours: torch.Tensor | None
+) -> VerifyResult:
+    n = tree.num_nodes
+    dev = target_probs.device
+    max_depth = tree.max_depth
+    parents = tree.parents
+    ok = torch.zeros(n, dtype=torch.bool, device=dev)
+    if n > 1:
+        passes = greedy_accept(target_probs[parents[1:]], tree.tokens[1:], cfg, neighbours)
+        # keep only the first passing child of each node (sibling order = index order)
+        par = parents[1:]
+        idx = torch.arange(1, n, device=dev)
+        earlier = (par[:, None] == par[None, :]) & (idx[None, :] < idx[:, None]) & passes[None, :]
+        ok[1:] = passes & ~earlier.any(1)
+    ok[0] = True
+    on_path = ~(tree.tree_mask & ~ok[None, :]).any(1)  # every node from root to i is ok
+    path = on_path.nonzero().squeeze(1)  # a chain; index order = depth order
+    last = path[-1]
+    accept_len = path.numel() - 1
+    has_child = torch.zeros(n, dtype=torch.bool, device=dev)
+    if n > 1:
+        has_child[parents[1:]] = True
+    d = torch.arange(max_depth, device=dev)
+    attempted = torch.zeros(max_depth, dtype=torch.long, device=dev)
+    attempted[: accept_len + 1] = has_child[path].long()[:max_depth]
+    return VerifyResult(
+        path=path,
+        next_token=target_probs[last].argmax(-1),
+        accept_len=accept_len,
+        attempted_per_depth=attempted,
+        accepted_per_depth=(d < accept_len).long(),
+    )
+
+
+def verify_tree(
+    tree: DraftTree,
+    target_probs: torch.Tensor,
+    cfg: AcceptConfig,
+    neighbours: torch.Tensor | None = None,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> VerifyResult:
+    """Walk the tree from the root, accepting at most one child per level, and pick the next token.
+
+    ``target_probs[i]`` (n, V) is the processed target distribution p for the children of node i (what the
+    target predicts at node i). At the current node the children are tested in drafting order with
+    :func:`static_sibling_test` (``tree.draft_probs`` given: children were sampled without replacement from
+    ``draft_probs[node]``) or :func:`dynamic_sibling_test` (deterministic drafts); the walk moves to the
+    accepted child. Where no child is accepted the next token is drawn from the final residual; at a leaf
+    (or the node reached at max depth) from p. Greedy: :func:`greedy_accept` for all nodes at once, then the
+    longest chain of first-passing children; the next token is argmax p at its end.
+
+    The loop runs over depth levels only and is sync-free until the final ``accept_len``; every random draw
+    uses ``generator``. Half-precision probabilities are upcast to float32.
+    """
+    if target_probs.dtype in (torch.float16, torch.bfloat16):
+        target_probs = target_probs.float()
+    if target_probs.shape[0] != tree.num_nodes:
+        raise ValueError(f"target_probs has {target_probs.shape[0]} rows for a tree of {tree.num_nodes} nodes")
+    if greedy:
+        return _verify_greedy(tree, target_probs, cfg, neighbours)
+
+    dev = target_probs.device
+    max_depth = tree.max_depth
+    children = children_table(tree.parents)  # (n, C)
+    static = tree.draft_probs is not None
+    draft_probs = tree.draft_probs.to(target_probs.dtype) if static else None
+
+    cur = torch.zeros((), dtype=torch.long, device=dev)
+    alive = torch.ones((), dtype=torch.bool, device=dev)
+    final_res = target_probs[0]
+    path_buf = torch.full((max_depth + 1,), -1, dtype=torch.long, device=dev)
+    path_buf[0] = 0
+    attempted = torch.zeros(max_depth, dtype=torch.long, device=dev)
+    accepted = torch.zeros(max_depth, dtype=torch.long, device=dev)
+    for d in range(max_depth):
+        ch = children[cur]  # (C,)
+        cmask = ch >= 0
+        toks = tree.tokens[ch.clamp(min=0)]
+        p_cur = target_probs[cur]
+        if static:
+            rank, res = static_sibling_test(p_cur, draft_probs[cur], toks, cfg, neighbours, generator, cmask)
+        else:
+            rank, res = dynamic_sibling_test(p_cur, toks, cfg, neighbours, generator, cmask)
+        tested = alive & cmask.any()
+        acc = tested & (rank >= 0)
+        stop_res = torch.where(tested, res, p_cur)  # a leaf samples from p
+        final_res = torch.where(alive & ~acc, stop_res, final_res)
+        cur = torch.where(acc, ch[rank.clamp(min=0)], cur)
+        path_buf[d + 1] = torch.where(acc, cur, -1)
+        attempted[d] = tested.long()
+        accepted[d] = acc.long()
+        alive = acc
+    final_res = torch.where(alive, target_probs[cur], final_res)  # reached max depth: a leaf
+    next_token = torch.multinomial(final_res, 1, generator=generator).squeeze(0)
+    accept_len = int(accepted.sum())
+    return VerifyResult(
+        path=path_buf[: accept_len + 1],
+        next_token=next_token,
+        accept_len=accept_len,
+        attempted_per_depth=attempted,
+        accepted_per_depth=accepted,
+    )
