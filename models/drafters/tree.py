@@ -255,7 +255,10 @@ class StaticTreeTemplate:
         return replace(self, **fields)
 
     def make_tree(self, tokens: torch.Tensor, draft_probs: torch.Tensor | None = None) -> DraftTree:
-        """Fill the template with ``tokens`` (n,) (root first, node order) and the drafter's Q rows (n, V)."""
+        """Fill the template with ``tokens`` (n,) (root first, node order) and the drafter's Q rows (n, V).
+
+        The structure follows ``tokens``' device; call :meth:`to` once so this is not a copy per step.
+        """
         if tokens.shape != self.parents.shape:
             raise ValueError(f"expected {self.num_nodes} tokens, got {tuple(tokens.shape)}")
         dev = tokens.device
@@ -304,7 +307,7 @@ def select_dynamic_tree(
     keep = max(0, min(int(total_token) - 1, m))
 
     own_rank = torch.empty(m, dtype=torch.long, device=dev)
-    order = torch.sort(cand_scores.to(dev).float(), descending=True, stable=True).indices
+    order = torch.sort(cand_scores.to(dev), descending=True, stable=True).indices
     own_rank[order] = torch.arange(m, device=dev)
 
     eff_rank = own_rank.clone()
