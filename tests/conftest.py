@@ -15,7 +15,8 @@ sys.path.insert(0, str(REPO_ROOT))
 SHARED = Path(os.environ.get("LANTERN_SHARED_DIR", REPO_ROOT.parent / "shared"))
 CONFORMANCE = SHARED / "conformance"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# tiny models: one thread avoids oversubscription overhead and keeps runs deterministic
+torch.set_num_threads(1)
 
 
 def conformance_dir(name: str) -> Path:
