@@ -14,6 +14,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "eval_fid_clip": ("entrypoints.eval_fid_clip", "FID and CLIP score of generated images"),
     "eval_prec_recall": ("entrypoints.eval_prec_recall", "improved precision / recall of generated images"),
     "eval_hpsv2": ("entrypoints.eval_hpsv2", "HPSv2 score of generated images"),
+    "benchmark": ("entrypoints.benchmark", "speed (τ, latency, speed-up over AR) and demo quality of decoding settings"),
 }
 
 

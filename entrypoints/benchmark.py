@@ -1,0 +1,270 @@
+"""benchmark: plain AR vs. exact EAGLE-2 / EAGLE-1, LANTERN (δ) and LANTERN++ (λ) on the same prompts and seeds.
+
+Reports per setting: mean τ (step compression), mean latency, wall-clock speed-up over plain AR measured in
+the same run, target forwards per image and — for the built-in demo — the digit classifier's accuracy on the
+samples (the quality meter). Writes ``benchmark.json`` and ``benchmark.md`` to ``--output_dir``.
+``--verify_cost`` instead times one target forward over a draft tree of n nodes against one AR step.
+
+Setting syntax: ``NAME[:key=value,...]`` with NAME in ar, eagle2 (dynamic tree, exact), eagle1 (static tree,
+exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta, lam, tree, top_k_draft, depth,
+total_token. Example: ``lantern:delta=0.2,k=20 lantern++:lam=5,tree=naive_extend_57``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from entrypoints.common import add_device_args, load_prompts, resolve_device, resolve_dtype, run_cli
+from models.registry import MODELS, REPO_ROOT
+
+DEFAULT_SETTINGS = [
+    "ar", "eagle2", "lantern:delta=0.1", "lantern:delta=0.2", "lantern:delta=0.4",
+    "eagle1", "lantern++:lam=2", "lantern++:lam=5", "lantern++:lam=10", "lantern++:lam=20",
+]
+
+
+def parse_args() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="demo", choices=list(MODELS))
+    p.add_argument("--model_path", default=None)
+    p.add_argument("--vq_path", default=None)
+    p.add_argument("--t5_path", default=None)
+    p.add_argument("--drafter_path", default=None)
+    p.add_argument("--codebook_path", default=None, help="neighbour table (default: the model's)")
+    p.add_argument("--prompt", default=None, help="prompt set / file / literal (default: the model's prompt file)")
+    p.add_argument("--prompt_dir", default=None)
+    p.add_argument("--num_images", type=int, default=50, help="images per setting (prompts are cycled)")
+    p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help="settings to compare (see above)")
+    p.add_argument("--lantern_k", type=int, default=20, help="default neighbourhood size k")
+    p.add_argument("--tree_choices", default="mc_sim_7b_63", help="default static tree")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--cfg", type=float, default=None)
+    p.add_argument("--random_seed", type=int, default=0)
+    p.add_argument("--output_dir", default="runs/benchmark")
+    p.add_argument("--save_images", action="store_true", help="save a PNG grid per setting")
+    p.add_argument("--verify_cost", action="store_true", help="time tree verification vs one AR step instead")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_device_args(p)
+    return p
+
+
+def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
+    name, _, rest = text.partition(":")
+    if name not in ("ar", "eagle2", "eagle1", "lantern", "lantern++"):
+        raise ValueError(f"unknown setting {name!r} in {text!r}")
+    opts = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    out = {"label": text, "name": name, "k": int(opts.pop("k", default_k)), "tree": opts.pop("tree", default_tree)}
+    for key in ("delta", "lam"):
+        if key in opts:
+            out[key] = float(opts.pop(key))
+    for key in ("top_k_draft", "depth", "total_token"):
+        if key in opts:
+            out[key] = int(opts.pop(key))
+    if opts:
+        raise ValueError(f"unknown options {sorted(opts)} in {text!r}")
+    if name == "lantern" and "delta" not in out:
+        raise ValueError(f"{text!r}: lantern needs delta=...")
+    if name == "lantern++" and "lam" not in out:
+        raise ValueError(f"{text!r}: lantern++ needs lam=...")
+    return out
+
+
+def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, neighbours):
+    from models.drafters.acceptance import AcceptConfig
+    from models.drafters.choices import get_tree_choices
+    from models.ea_model import SpeculativeDecoder, TreeConfig
+
+    name = setting["name"]
+    static = name in ("eagle1", "lantern++")
+    accept = AcceptConfig()
+    if name == "lantern":
+        accept = AcceptConfig(relax="lantern", k=setting["k"], delta=setting["delta"])
+    elif name == "lantern++":
+        accept = AcceptConfig(relax="lantern++", k=setting["k"], lam=setting["lam"])
+    kw = {k: setting[k] for k in ("top_k_draft", "depth", "total_token") if k in setting}
+    choices = tuple(tuple(c) for c in get_tree_choices(setting["tree"])) if static else None
+    tree = TreeConfig(static_choices=choices, **kw)
+    nb = neighbours[:, : setting["k"]] if accept.enabled else None
+    return SpeculativeDecoder(family.target, drafter, family.num_image_tokens, sampling, cfg_scale, accept, tree, nb,
+                              family.allowed_tokens)
+
+
+def _demo_classifier(device):
+    from models.demo.classifier import load_classifier
+
+    path = REPO_ROOT / "ckpts" / "demo" / "classifier"
+    return load_classifier(path, device) if path.exists() else None
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    from models.drafters.cnets import load_drafter
+    from models.drafters.neighbours import load_neighbour_table
+    from models.generation import generate_ar
+    from models.registry import get_spec, load_family, resolve_path
+    from models.sampling import SamplingConfig
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.precision, device)
+    family = load_family(args.model, device, dtype, args.model_path, args.vq_path, args.t5_path)
+    spec = get_spec(args.model)
+    d = family.defaults
+    sampling = SamplingConfig(d.temperature if args.temperature is None else args.temperature,
+                              d.top_k if args.top_k is None else args.top_k, d.top_p if args.top_p is None else args.top_p)
+    cfg_scale = d.cfg if args.cfg is None else args.cfg
+    settings = [parse_setting(s, args.lantern_k, args.tree_choices) for s in args.settings]
+    drafter = neighbours = None
+    if any(s["name"] != "ar" for s in settings):
+        drafter = load_drafter(resolve_path(spec, "drafter", args.drafter_path), device, dtype, family.target.config)
+    if any(s["name"].startswith("lantern") for s in settings):
+        k = max(s["k"] for s in settings)
+        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=k).to(device)
+    from entrypoints.generate_images import default_prompt
+
+    prompt = args.prompt or default_prompt(args.model)[0]
+    prompts = [p for _, p in load_prompts(prompt, args.prompt_dir, None, None)]
+    prompts = [prompts[i % len(prompts)] for i in range(args.num_images)]
+    classifier = _demo_classifier(device) if args.model == "demo" else None
+    labels = torch.tensor([family.class_parser(p) for p in prompts]) if classifier is not None else None
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for setting in settings:
+        decoder = None if setting["name"] == "ar" else build_decoder(family, drafter, setting, sampling, cfg_scale,
+                                                                     neighbours)
+
+        def one(i: int, decoder=decoder):
+            gen = torch.Generator(device=device).manual_seed(args.random_seed + i)
+            prefix = family.build_prefix([prompts[i]], cfg_scale)
+            if decoder is None:
+                return generate_ar(family.target, prefix, family.num_image_tokens, sampling, gen, family.allowed_tokens)
+            return decoder.generate(prefix, gen)
+
+        one(0)  # warm-up, not timed
+        lat, taus, fwd, toks = [], [], [], []
+        depth_acc = []
+        for i in tqdm(range(len(prompts)), desc=setting["label"], unit="img", leave=False):
+            tokens, st = one(i)
+            lat.append(st.latency)
+            taus.append(st.extra.get("step_compression", 1.0))
+            fwd.append(st.target_forwards)
+            toks.append(tokens)
+            if "acceptance_by_depth" in st.extra:
+                depth_acc.append(st.extra["acceptance_by_depth"])
+        tokens = torch.cat(toks)
+        row = {"setting": setting["label"], "tau": statistics.mean(taus), "latency_s": statistics.mean(lat),
+               "target_forwards": statistics.mean(fwd)}
+        if classifier is not None:
+            images = family.decode_images(tokens) * 2 - 1
+            pred = classifier.classify(images).cpu()
+            row["accuracy"] = float((pred == labels).float().mean())
+        if depth_acc:
+            width = max(len(a) for a in depth_acc)
+            cols = [[a[j] for a in depth_acc if j < len(a) and a[j] == a[j]] for j in range(width)]
+            row["acceptance_by_depth"] = [statistics.mean(c) if c else None for c in cols]
+        if args.save_images:
+            from torchvision.utils import save_image
+
+            save_image(family.decode_images(tokens), out / f"{setting['label'].replace(':', '_')}.png", nrow=10)
+        results.append(row)
+    base = next((r["latency_s"] for r in results if r["setting"] == "ar"), None)
+    for r in results:
+        r["speedup_vs_ar"] = base / r["latency_s"] if base else None
+    report = {"model": args.model, "num_images": len(prompts), "device": str(device), "dtype": str(dtype),
+              "threads": torch.get_num_threads(), "sampling": vars(sampling), "cfg": cfg_scale,
+              "command": "python main.py benchmark " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["benchmark"] else sys.argv[1:]),
+              "results": results}
+    (out / "benchmark.json").write_text(json.dumps(report, indent=2))
+    table = _markdown(results)
+    (out / "benchmark.md").write_text(table + "\n")
+    print(table)
+    return report
+
+
+def _markdown(results: list[dict]) -> str:
+    has_acc = any("accuracy" in r for r in results)
+    head = "| setting | τ | latency (s) | speed-up vs AR | target forwards |" + (" accuracy |" if has_acc else "")
+    sep = "|---|---|---|---|---|" + ("---|" if has_acc else "")
+    lines = [head, sep]
+    for r in results:
+        sp = f"{r['speedup_vs_ar']:.2f}×" if r.get("speedup_vs_ar") else "—"
+        line = f"| {r['setting']} | {r['tau']:.2f} | {r['latency_s']:.3f} | {sp} | {r['target_forwards']:.1f} |"
+        if has_acc:
+            line += f" {100 * r['accuracy']:.0f} % |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def run_verify_cost(args: argparse.Namespace) -> dict:
+    """Median time of one target forward over n tree nodes (after a prefix) relative to one AR step (n = 1)."""
+    from models.generation import key_validity, prefill
+    from models.registry import load_family
+
+    device = resolve_device(args.device)
+    family = load_family(args.model, device, resolve_dtype(args.precision, device), args.model_path, args.vq_path,
+                         args.t5_path)
+    target = family.target
+    prefix = family.build_prefix(["0"] if args.model in ("demo", "llamagen_c2i") else ["a photo"],
+                                 family.defaults.cfg)
+    rows, t = prefix.rows, prefix.length
+    ctx = t + family.num_image_tokens // 2  # a prefix half-way through the image
+    sizes = [1, 4, 16, 26, 59, 128]
+    cache = target.new_cache(rows, ctx + max(sizes) + 1)
+    keys = key_validity(prefix, ctx + max(sizes) + 1)
+    with torch.no_grad():
+        prefill(target, prefix, cache)
+        ids = torch.zeros(rows, ctx - t, dtype=torch.long, device=device)
+        pos = torch.arange(t, ctx, device=device)
+        mask = keys[:, None, None, :ctx].expand(-1, 1, ctx - t, -1) & torch.ones(ctx - t, ctx, dtype=torch.bool,
+                                                                                  device=device).tril(t)
+        target.forward_hidden(target.embed_tokens(ids), pos, cache, pos, mask)
+        res = {}
+        for n in sizes:
+            tree_mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+            m = torch.cat([keys[:, None, None, :ctx].expand(-1, 1, n, -1), tree_mask[None, None].expand(rows, 1, -1, -1)], -1)
+            slots = torch.arange(ctx, ctx + n, device=device)
+            emb = target.embed_tokens(torch.zeros(rows, n, dtype=torch.long, device=device))
+            times = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                h = target.forward_hidden(emb, slots, cache, slots, m)
+                target.lm_head(h)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t0)
+            res[n] = statistics.median(times)
+    report = {"model": args.model, "context": ctx, "seconds": res, "relative_to_ar_step": {n: v / res[1] for n, v in res.items()}}
+    print("| tree nodes | time (ms) | × one AR step |\n|---|---|---|")
+    for n in sizes:
+        print(f"| {n} | {1000 * res[n]:.2f} | {res[n] / res[1]:.2f} |")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "verify_cost.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for s in args.settings:  # fail fast on a typo
+        parse_setting(s, args.lantern_k, args.tree_choices)
+    if args.verify_cost:
+        run_verify_cost(args)
+    else:
+        run_benchmark(args)
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])
