@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base_models.llamagen.gpt import RMSNorm, apply_rotary_emb, precompute_freqs_cis_2d
+from models.base_models.llamagen.gpt import (
+    RMSNorm,
+    apply_rotary_emb,
+    attend,
+    cache_window,
+    precompute_freqs_cis_2d,
+)
 from models.drafters.kv_cache import KVCache
 
 # LANTERN's drafter configs name the target by ``input_type``; these are the grid and prefix it implies.
@@ -79,12 +85,7 @@ class DrafterAttention(nn.Module):
         q = apply_rotary_emb(self.q_proj(x).view(b, s, self.n_head, self.head_dim), freqs).transpose(1, 2)
         k = apply_rotary_emb(self.k_proj(x).view(b, s, self.n_kv, self.head_dim), freqs).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(layer, cache_pos, k, v, kv_len)
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.n_kv != self.n_head:
-            k, v = k.repeat_interleave(self.n_head // self.n_kv, 1), v.repeat_interleave(self.n_head // self.n_kv, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None)
+        out = attend(q, k, v, mask, cache, layer, cache_pos, kv_len)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -154,12 +155,7 @@ class EagleDrafter(nn.Module):
         if rope_pos is None:
             rope_pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         h = self.fc(torch.cat([self.embed_tokens(input_ids).to(hidden_states.dtype), hidden_states], dim=-1))
-        if cache is not None:
-            if cache_pos is None:
-                cache_pos = rope_pos
-            kv_len = attn_mask.shape[-1] if attn_mask is not None else int(cache_pos.max()) + 1
-        else:
-            kv_len = h.shape[1]
+        cache_pos, kv_len = cache_window(h.shape[1], rope_pos, cache, cache_pos, attn_mask)
         freqs = self.freqs_cis[rope_pos]
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, attn_mask, cache, i, cache_pos, kv_len)

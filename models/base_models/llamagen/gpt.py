@@ -142,6 +142,44 @@ def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return out.flatten(3).type_as(x)
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache: KVCache | None,
+    layer: int,
+    cache_pos: torch.Tensor | None,
+    kv_len: int,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """SDPA of q (B, H, q, D) over k, v (B, H_kv, q, D), through the cache when given; GQA heads repeated.
+
+    With a cache, k and v are written at ``cache_pos`` and the first ``kv_len`` slots are attended; without a
+    cache and without a mask, attention is causal over the inputs.
+    """
+    if cache is not None:
+        k, v = cache.update(layer, cache_pos, k, v, kv_len)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+                                          dropout_p=dropout_p)
+
+
+def cache_window(
+    q_len: int, rope_pos: torch.Tensor, cache: KVCache | None, cache_pos: torch.Tensor | None, attn_mask
+) -> tuple[torch.Tensor | None, int]:
+    """Cache slots to write (default: the RoPE positions) and how many slots the queries see."""
+    if cache is None:
+        return None, q_len
+    if cache_pos is None:
+        cache_pos = rope_pos
+    kv_len = attn_mask.shape[-1] if attn_mask is not None else int(cache_pos.max()) + 1
+    return cache_pos, kv_len
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -158,16 +196,8 @@ class Attention(nn.Module):
         q = apply_rotary_emb(q.view(b, s, self.n_head, self.head_dim), freqs).transpose(1, 2)
         k = apply_rotary_emb(k.view(b, s, self.n_kv_head, self.head_dim), freqs).transpose(1, 2)
         v = v.view(b, s, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(layer, cache_pos, k, v, kv_len)
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.n_kv_head != self.n_head:
-            rep = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
-            dropout_p=self.attn_dropout_p if self.training else 0.0,
-        )
+        dropout = self.attn_dropout_p if self.training else 0.0
+        out = attend(q, k, v, mask, cache, layer, cache_pos, kv_len, dropout)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, s, -1)))
 
 
@@ -309,12 +339,7 @@ class LlamaGenGPT(nn.Module):
         the boolean ``attn_mask`` (B or 1, 1, q, kv_len; True = may attend). Without a cache and without a
         mask, attention is causal over the q inputs.
         """
-        if cache is not None:
-            if cache_pos is None:
-                cache_pos = rope_pos
-            kv_len = attn_mask.shape[-1] if attn_mask is not None else int(cache_pos.max()) + 1
-        else:
-            kv_len = h.shape[1]
+        cache_pos, kv_len = cache_window(h.shape[1], rope_pos, cache, cache_pos, attn_mask)
         freqs = self.freqs_cis[rope_pos]
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, attn_mask, cache, i, cache_pos, kv_len)
