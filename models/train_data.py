@@ -1,0 +1,407 @@
+"""Shard formats of the drafter-training pipeline, their writer, and the reader ``train_drafter`` uses.
+
+Pipeline: ``extract_code`` (real images) or ``self_distill`` (the target's own samples) write **code shards**;
+``generate_train_data`` runs the target over them and writes **hidden-state shards**; ``train_drafter`` reads
+those through :class:`DrafterDataset`.
+
+Common layout
+-------------
+A folder of ``{prefix}_r{rank}_{index:05d}.safetensors`` files plus ``manifest.json``. Every process (rank) of a
+run writes only its own ``_r{rank}_`` files, so parallel writers never collide; each file is written under a
+temporary name and renamed, so a file that exists is complete. ``sample_id`` (int64) is global and unique over
+the folder. Runs are resumable: samples whose id is already in a shard are skipped. Under ``accelerate launch``
+a sample belongs to rank ``sample_id % num_processes`` (a rule every rank applies identically without talking
+to the others). ``manifest.json`` is rebuilt from the shard files at the end of every run (and after an
+interruption); ``shards`` lists ``{"file", "num_samples", "first_sample_id", "rank"}`` in (rank, index) order,
+and ``num_samples`` is the total. Shard metadata (safetensors string metadata, JSON-encoded): ``settings``
+(the producing run's settings, checked on resume) and per-sample string lists such as ``prompts``.
+
+1. Code shards (``codes_r{rank}_{index:05d}.safetensors``, format ``"lantern-codes/1"``)
+   ========================================================================================
+   tensors:
+     ``tokens``        (n, N) int64   image tokens, row-major over the latent grid
+     ``sample_id``     (n,)   int64   global, unique
+     C2I only: ``labels``       (n,) int64  class ids
+     T2I only: ``caption_embs`` (n, 120, C) float16  T5 ``last_hidden_state``, **right-padded as T5 returns it**
+               ``emb_masks``    (n, 120) uint8      T5 attention mask (1 = real token); the model side converts
+                                                     with :func:`models.base_models.llamagen.t5.to_left_padding`
+   metadata: ``prompts`` = JSON list, one string per row (T2I captions; C2I prompt / class strings);
+             ``extract_code`` adds ``names`` (the image file name of each row).
+   manifest: ``{"format": "lantern-codes/1", "model", "num_image_tokens": N, "model_type": "c2i"|"t2i",
+   "source": "extract_code"|"self_distill", "shards": [...], "num_samples", ...the run's settings}``.
+
+2. Hidden-state shards (``hidden_r{rank}_{index:05d}.safetensors``, format ``"lantern-drafter-data/1"``)
+   ====================================================================================================
+   With T = condition length (``cls_token_num``: C2I 1, LlamaGen T2I 120) and N image tokens, the target reads
+   the sequence ``s = [condition (T positions); x_0 .. x_{N-2}]`` (length L = T + N - 1: all image tokens
+   but the last) in one forward; f_p is its last hidden state (after the final norm, the lm_head input) at
+   position p, so f_p predicts s_{p+1} (f_{T-1} predicts x_0, f_{T+N-2} predicts x_{N-1}).
+   tensors:
+     ``hidden``        (n, L, H) float16  f_0 .. f_{L-1} of the conditional stream
+     ``hidden_uncond`` (n, L, H) float16  the same for the unconditional stream (null class / null caption,
+                                          same tokens, same padding mask); absent with ``--no_uncond``
+     ``tokens``        (n, N) int64       x_0 .. x_{N-1}
+     ``prefix_valid``  (n, T) uint8       1 = real condition position (T2I is left-padded: padding first)
+     ``sample_id``     (n,) int64
+   manifest: ``{"format": "lantern-drafter-data/1", "model", "model_type", "prefix_len": T,
+   "num_image_tokens": N, "hidden_size": H, "vocab_size", "streams": ["cond", "uncond"] or ["cond"],
+   "dtype": "float16", "model_path", "codes", "shards": [...], "num_samples"}``.
+
+Drafter pairing (EAGLE; LANTERN)
+--------------------------------
+Drafter position p reads (f_p, s_{p+1}) and predicts f_{p+1}. The id sequence s_1 .. s_{T+N-2} is
+``[0] * (T - 1) + tokens[:N-1]`` (condition positions carry token id 0, as in LANTERN); :func:`drafter_input_ids`
+returns it at positions 0 .. L-2 and pads position L-1 with 0. Training positions are p in [T-1, T+N-3]
+(:func:`drafter_loss_mask`), whose targets f_T .. f_{T+N-2} are the hidden states that predict x_1 .. x_{N-1};
+so a trainer uses ``hidden[:, :-1]`` and ``input_ids[:, :-1]`` as inputs, ``hidden[:, 1:]`` as targets and
+``loss_mask[:, :-1]`` as the mask. This is the f_t <-> x_{t+1} pairing of §4 of the spec; the original's
+Anole / Lumina-mGPT data paired f_t with x_t (off by one), which is not reproduced.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.checkpoints import save_safetensors_atomic, write_json_atomic
+
+CODES_FORMAT = "lantern-codes/1"
+DRAFTER_FORMAT = "lantern-drafter-data/1"
+CODES_PREFIX = "codes"
+HIDDEN_PREFIX = "hidden"
+MANIFEST = "manifest.json"
+
+
+# ---------------------------------------------------------------------------------------------------
+# file names and shard reading
+
+
+def shard_file_name(prefix: str, rank: int, index: int) -> str:
+    """``{prefix}_r{rank}_{index:05d}.safetensors``."""
+    return f"{prefix}_r{rank}_{index:05d}.safetensors"
+
+
+def _shard_pattern(prefix: str) -> re.Pattern:
+    return re.compile(rf"^{re.escape(prefix)}_r(\d+)_(\d+)\.safetensors$")
+
+
+def list_shard_files(folder: str | os.PathLike, prefix: str) -> list[tuple[int, int, Path]]:
+    """Finished shard files of ``folder`` as (rank, index, path), sorted; temporary files are ignored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pat = _shard_pattern(prefix)
+    found = [(int(m.group(1)), int(m.group(2)), p) for p in folder.iterdir() if (m := pat.match(p.name))]
+    return sorted(found)
+
+
+def read_shard(path: str | os.PathLike, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One shard -> (tensors, metadata with JSON values decoded). ``keys`` limits which tensors are read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys()) if keys is None else [k for k in keys if k in f.keys()]
+        tensors = {k: f.get_tensor(k) for k in names}
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    return tensors, meta
+
+
+def shard_sample_ids(path: str | os.PathLike) -> torch.Tensor:
+    """The ``sample_id`` tensor of a shard, without reading the rest."""
+    return read_shard(path, ["sample_id"])[0]["sample_id"]
+
+
+def finished_sample_ids(folder: str | os.PathLike, prefix: str) -> set[int]:
+    """Ids already written to finished shards of ``folder`` (by any rank): what a resumed run skips."""
+    done: set[int] = set()
+    for _, _, path in list_shard_files(folder, prefix):
+        done.update(shard_sample_ids(path).tolist())
+    return done
+
+
+def finished_metadata(folder: str | os.PathLike, prefix: str, key: str) -> dict[int, str]:
+    """sample_id -> the per-sample metadata string ``key`` (e.g. ``prompts``) over finished shards."""
+    out: dict[int, str] = {}
+    for _, _, path in list_shard_files(folder, prefix):
+        tensors, meta = read_shard(path, ["sample_id"])
+        if key in meta:
+            out.update(zip(tensors["sample_id"].tolist(), meta[key]))
+    return out
+
+
+def check_resume_settings(folder: str | os.PathLike, prefix: str, settings: dict[str, Any]) -> None:
+    """Refuse to add samples to a folder whose shards were made with different settings (mixed data)."""
+    files = list_shard_files(folder, prefix)
+    if not files:
+        return
+    old = read_shard(files[0][2], [])[1].get("settings", {})
+    diff = [f"{k}: {old[k]!r} there, {v!r} now" for k, v in settings.items() if k in old and old[k] != v]
+    if diff:
+        raise ValueError(
+            f"{folder} already holds shards made with other settings ({'; '.join(diff)}); "
+            "use another --output_dir or the same settings to resume"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing
+
+
+class ShardWriter:
+    """Buffers per-sample rows and writes them as shards of ``shard_size`` rows for one rank.
+
+    ``add`` takes a batch of tensors whose first dimension is the sample (``sample_id`` required) plus
+    optional per-sample string lists stored as JSON metadata. ``flush`` writes what is buffered (also a
+    partial shard): call it at the end and on interruption so no finished sample is lost. New files continue
+    this rank's numbering, so a resumed run never overwrites a shard.
+    """
+
+    def __init__(self, folder: str | os.PathLike, prefix: str, rank: int, shard_size: int, settings: dict[str, Any]):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.folder, self.prefix, self.rank, self.shard_size = Path(folder), prefix, rank, shard_size
+        self.settings = settings
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(f"{prefix}_r{rank}_*.safetensors.tmp"):  # left by a killed run
+            stale.unlink()
+        own = [i for r, i, _ in list_shard_files(self.folder, prefix) if r == rank]
+        self._next_index = max(own, default=-1) + 1
+        self._tensors: dict[str, list[torch.Tensor]] = {}
+        self._lists: dict[str, list[str]] = {}
+        self._pending = 0
+        self.samples_written = 0
+        self.files_written: list[Path] = []
+
+    def add(self, tensors: dict[str, torch.Tensor], lists: dict[str, list[str]] | None = None) -> None:
+        n = tensors["sample_id"].shape[0]
+        if any(v.shape[0] != n for v in tensors.values()) or any(len(v) != n for v in (lists or {}).values()):
+            raise ValueError("every tensor and list added to a shard needs one row per sample")
+        if self._tensors and set(tensors) != set(self._tensors):
+            raise ValueError(f"shard keys changed: {sorted(self._tensors)} -> {sorted(tensors)}")
+        for k, v in tensors.items():
+            self._tensors.setdefault(k, []).append(v.detach().cpu())
+        for k, v in (lists or {}).items():
+            self._lists.setdefault(k, []).extend(v)
+        self._pending += n
+        while self._pending >= self.shard_size:
+            self._write(self.shard_size)
+
+    def flush(self) -> None:
+        """Write the buffered rows (if any) as one shard."""
+        if self._pending:
+            self._write(self._pending)
+
+    def _write(self, n: int) -> None:
+        merged = {k: torch.cat(v) for k, v in self._tensors.items()}
+        meta = {"settings": json.dumps(self.settings)}
+        meta.update({k: json.dumps(v[:n]) for k, v in self._lists.items()})
+        path = self.folder / shard_file_name(self.prefix, self.rank, self._next_index)
+        save_safetensors_atomic({k: v[:n] for k, v in merged.items()}, path, metadata=meta)
+        self._next_index += 1
+        self._pending -= n
+        self.samples_written += n
+        self.files_written.append(path)
+        self._tensors = {k: [v[n:]] for k, v in merged.items()} if self._pending else {}
+        self._lists = {k: v[n:] for k, v in self._lists.items()} if self._pending else {}
+
+
+def write_manifest(folder: str | os.PathLike, prefix: str, header: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild ``manifest.json`` from every rank's shard files; ``header`` holds format, model and settings.
+
+    Raises if a sample id occurs twice (which would mean two runs with different sample lists wrote here).
+    """
+    folder = Path(folder)
+    shards, seen, total = [], {}, 0
+    for rank, _, path in list_shard_files(folder, prefix):
+        ids = shard_sample_ids(path).tolist()
+        for i in ids:
+            if i in seen:
+                raise ValueError(f"sample_id {i} is in both {seen[i]} and {path.name} ({folder})")
+            seen[i] = path.name
+        shards.append({"file": path.name, "num_samples": len(ids), "first_sample_id": ids[0] if ids else None,
+                       "rank": rank})
+        total += len(ids)
+    manifest = {**header, "num_samples": total, "shards": shards}
+    write_json_atomic(manifest, folder / MANIFEST)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading
+
+
+def read_manifest(folder: str | os.PathLike, expected_format: str | None = None) -> dict[str, Any]:
+    """``manifest.json`` of a shard folder (optionally checking its ``format``)."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: not a shard folder, or its run was killed before writing it "
+            "(rerun the producing command to rebuild it)"
+        )
+    manifest = json.loads(path.read_text())
+    if expected_format is not None and manifest.get("format") != expected_format:
+        raise ValueError(f"{folder}: format {manifest.get('format')!r}, expected {expected_format!r}")
+    return manifest
+
+
+@dataclass
+class Shard:
+    """One shard as read by :func:`iter_shards`."""
+
+    file: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def iter_shards(folder: str | os.PathLike, keys: list[str] | None = None) -> Iterator[Shard]:
+    """Shards of a folder in manifest order, one at a time (``keys`` limits the tensors read)."""
+    folder = Path(folder)
+    for entry in read_manifest(folder)["shards"]:
+        tensors, meta = read_shard(folder / entry["file"], keys)
+        yield Shard(folder / entry["file"], tensors, meta)
+
+
+def drafter_input_ids(tokens: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """Image tokens (..., N) -> drafter input ids (..., T+N-1): ``[0]*(T-1) + tokens[:N-1] + [0]``.
+
+    Position p holds s_{p+1}, the token that follows the hidden state f_p; the last position has no
+    successor inside the sequence and is padded with 0 (it is never a training position).
+    """
+    lead = tokens.new_zeros(*tokens.shape[:-1], prefix_len - 1)
+    tail = tokens.new_zeros(*tokens.shape[:-1], 1)
+    return torch.cat([lead, tokens[..., :-1], tail], dim=-1)
+
+
+def drafter_loss_mask(prefix_len: int, num_image_tokens: int) -> torch.Tensor:
+    """(T+N-1,) bool, True at the training positions p = T-1 .. T+N-3 (targets f_{p+1} predict x_1 .. x_{N-1})."""
+    mask = torch.zeros(prefix_len + num_image_tokens - 1, dtype=torch.bool)
+    mask[prefix_len - 1 : prefix_len + num_image_tokens - 2] = True
+    return mask
+
+
+class DrafterDataset(torch.utils.data.Dataset):
+    """Per-sample view of a hidden-state shard folder (format 2), read lazily.
+
+    Item ``i`` is a dict: ``hidden`` (L, H) float16, ``hidden_uncond`` (L, H) float16 (when the folder has
+    the uncond stream and ``use_uncond``), ``input_ids`` (L,) int64, ``loss_mask`` (L,) bool, ``prefix_valid``
+    (T,) bool, ``tokens`` (N,) int64, ``sample_id`` () int64. Rows are read from memory-mapped files, so only
+    the requested samples are loaded; at most ``max_open_files`` shard files are kept open (per worker: the
+    open handles are not pickled into DataLoader workers).
+    """
+
+    def __init__(self, folder: str | os.PathLike, use_uncond: bool = True, max_open_files: int = 8):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder, DRAFTER_FORMAT)
+        self.prefix_len = int(self.manifest["prefix_len"])
+        self.num_image_tokens = int(self.manifest["num_image_tokens"])
+        self.hidden_size = int(self.manifest["hidden_size"])
+        self.has_uncond = use_uncond and "uncond" in self.manifest["streams"]
+        self.files = [e["file"] for e in self.manifest["shards"]]
+        self.offsets = [0]
+        for e in self.manifest["shards"]:
+            self.offsets.append(self.offsets[-1] + int(e["num_samples"]))
+        self.loss_mask = drafter_loss_mask(self.prefix_len, self.num_image_tokens)
+        self.max_open_files = max_open_files
+        self._handles: OrderedDict[int, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"] = OrderedDict()
+        return state
+
+    def _handle(self, shard: int):
+        from safetensors import safe_open
+
+        if shard in self._handles:
+            self._handles.move_to_end(shard)
+        else:
+            self._handles[shard] = safe_open(str(self.folder / self.files[shard]), framework="pt")
+            if len(self._handles) > self.max_open_files:
+                self._handles.popitem(last=False)
+        return self._handles[shard]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range (dataset has {len(self)})")
+        shard = bisect.bisect_right(self.offsets, i) - 1
+        row = i - self.offsets[shard]
+        f = self._handle(shard)
+
+        def get(key: str) -> torch.Tensor:
+            return f.get_slice(key)[row : row + 1][0]
+
+        tokens = get("tokens")
+        item = {
+            "hidden": get("hidden"),
+            "input_ids": drafter_input_ids(tokens, self.prefix_len),
+            "loss_mask": self.loss_mask.clone(),
+            "prefix_valid": get("prefix_valid").bool(),
+            "tokens": tokens,
+            "sample_id": get("sample_id"),
+        }
+        if self.has_uncond:
+            item["hidden_uncond"] = get("hidden_uncond")
+        return item
+
+
+# ---------------------------------------------------------------------------------------------------
+# running a producer on one or several processes
+
+
+@dataclass
+class ProcessContext:
+    """Which share of the samples this process produces (``accelerate launch`` or a single process)."""
+
+    rank: int = 0
+    world: int = 1
+    state: Any = None
+
+    @classmethod
+    def current(cls, device: str | None = None) -> ProcessContext:
+        """From ``accelerate.PartialState`` (a plain single process when not launched by accelerate).
+
+        ``device`` is the user's ``--device``. Processes on the CPU (asked for, or no accelerator present)
+        need ``PartialState(cpu=True)`` to form a gloo group; without it accelerate silently treats every
+        process as a lone one, which would make them all produce the same samples, so that is checked.
+        """
+        from accelerate import PartialState
+
+        has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+        cpu = not has_accelerator or (device is not None and torch.device(device).type == "cpu")
+        state = PartialState(cpu=cpu)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if state.num_processes != launched:
+            raise RuntimeError(f"launched as {launched} processes but accelerate sees {state.num_processes}")
+        return cls(state.process_index, state.num_processes, state)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, sample_id: int) -> bool:
+        """Sample ``sample_id`` belongs to rank ``sample_id % world``."""
+        return sample_id % self.world == self.rank
+
+    def wait(self) -> None:
+        if self.world > 1 and self.state is not None:
+            self.state.wait_for_everyone()
+
+    def device(self, requested: torch.device | None) -> torch.device | None:
+        """The user's device, else accelerate's per-process device when several processes run (cuda:local_rank)."""
+        if requested is not None or self.world == 1 or self.state is None:
+            return requested
+        return self.state.device
