@@ -8,6 +8,7 @@ import sys
 TASKS: dict[str, tuple[str, str]] = {
     "generate_images": ("entrypoints.generate_images", "generate images (plain AR, EAGLE-2, LANTERN, LANTERN++)"),
     "extract_code": ("entrypoints.extract_code", "encode an image+caption folder into VQ codes (and T5 features)"),
+    "self_distill": ("entrypoints.self_distill", "the target's own samples as code shards (self-distilled drafter data)"),
     "generate_train_data": ("entrypoints.generate_train_data", "target hidden states for drafter training"),
     "train_drafter": ("entrypoints.train_drafter.main", "train an EAGLE drafter (also under accelerate launch)"),
     "generate_codebook": ("entrypoints.generate_codebook", "latent-neighbour tables of a VQ codebook for LANTERN"),
