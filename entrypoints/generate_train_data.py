@@ -1,24 +1,198 @@
-"""generate_train_data: not built yet in this version (see the README for the plan)."""
+"""generate_train_data: code shards -> the target's hidden states, the drafter's training data.
+
+Reads the code shards of ``extract_code`` or ``self_distill`` (``--data_path``) and runs the target once per
+batch over [condition; x_0 .. x_{N-2}] (no cache; LlamaGen's training mask: causal, padded condition columns
+hidden) for the conditional stream and, unless ``--no_uncond``, the unconditional one (null class / null
+caption, same tokens and mask). Writes hidden-state shards ``hidden_r{rank}_{index:05d}.safetensors`` +
+``manifest.json``, the format (and the drafter's f_t <-> x_{t+1} pairing) documented in
+:mod:`models.train_data`. Only the GPT is loaded (no VQ, no T5: T2I captions come as stored T5 features).
+Rerunning the command resumes; under ``accelerate launch`` every process handles its own share of samples.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
-from entrypoints.common import not_built, run_cli
+import torch
+from tqdm import tqdm
+
+from entrypoints.common import UserError, add_device_args, resolve_device, resolve_dtype, run_cli
+from models.generation import prefix_attention_mask
+from models.registry import MODELS
+from models.train_data import (
+    CODES_FORMAT,
+    DRAFTER_FORMAT,
+    HIDDEN_PREFIX,
+    ProcessContext,
+    ShardWriter,
+    check_resume_settings,
+    finished_sample_ids,
+    read_manifest,
+    read_shard,
+    shard_sample_ids,
+    write_manifest,
+)
 
 
 def parse_args() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="generate_train_data", description=__doc__)
-    p.add_argument("--model", default="demo")
+    p = argparse.ArgumentParser(
+        prog="generate_train_data",
+        description="Run the target over code shards (extract_code / self_distill output) and store its last "
+        "hidden states for the conditional and unconditional streams: the drafter's training data.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="demo", choices=list(MODELS), help="model family / checkpoint set")
+    p.add_argument("--model_path", default=None, help="target checkpoint (file or folder); default: the ckpts/ layout")
+    p.add_argument("--data_path", required=True, help="code-shard folder (extract_code / self_distill output)")
+    p.add_argument("--output_dir", required=True, help="where the hidden-state shards and manifest.json go")
+    p.add_argument("--num_samples", type=int, default=None, help="use the N smallest sample ids; default all")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--shard_size", type=int, default=256, help="samples per shard file")
+    p.add_argument("--no_uncond", action="store_true", help="store the conditional stream only")
+    add_device_args(p)
     return p
 
 
-run = not_built("generate_train_data", "planned")
+@torch.no_grad()
+def target_hidden_states(
+    target,
+    cond: torch.Tensor,
+    prefix_valid: torch.Tensor,
+    tokens: torch.Tensor,
+    with_uncond: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Last hidden states (after the final norm) over s = [condition; tokens[:, :-1]], one forward.
+
+    ``cond`` is the model's condition input (labels (B,) or left-padded caption features (B, T, C)),
+    ``prefix_valid`` (B, T) bool, ``tokens`` (B, N). Returns ``(hidden, hidden_uncond)``, each (B, T+N-1, H)
+    (``hidden_uncond`` None without ``with_uncond``); both streams run as one batch [cond; uncond].
+    """
+    prefix = target.embed_condition(cond)
+    valid = prefix_valid.bool()
+    if with_uncond:
+        prefix = torch.cat([prefix, target.embed_condition(target.null_condition(cond))])
+        valid = torch.cat([valid, valid])
+    ids = tokens[:, :-1].repeat(prefix.shape[0] // tokens.shape[0], 1)
+    seq = torch.cat([prefix, target.embed_tokens(ids)], dim=1)
+    keys_valid = torch.cat([valid, valid.new_ones(valid.shape[0], ids.shape[1])], dim=1)
+    pos = torch.arange(seq.shape[1], device=seq.device)
+    hidden = target.forward_hidden(seq, pos, attn_mask=prefix_attention_mask(keys_valid))
+    if not with_uncond:
+        return hidden, None
+    return tuple(hidden.chunk(2))
+
+
+def code_batches(
+    data_path: Path, manifest: dict, wanted: set[int], batch_size: int, keys: list[str]
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Rows of the code shards whose sample id is in ``wanted``, in batches of ``batch_size`` (shard by shard)."""
+    pending: list[dict[str, torch.Tensor]] = []
+    count = 0
+    for entry in manifest["shards"]:
+        path = data_path / entry["file"]
+        ids = shard_sample_ids(path).tolist()
+        rows = [r for r, i in enumerate(ids) if i in wanted]
+        if not rows:
+            continue
+        tensors, _ = read_shard(path, keys)
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise ValueError(f"{path} has no {missing} tensor(s)")
+        sel = torch.tensor(rows)
+        pending.append({k: v[sel] for k, v in tensors.items()})
+        count += len(rows)
+        while count >= batch_size:
+            merged = {k: torch.cat([p[k] for p in pending]) for k in keys}
+            yield {k: v[:batch_size] for k, v in merged.items()}
+            count -= batch_size
+            pending = [{k: v[batch_size:] for k, v in merged.items()}] if count else []
+    if count:
+        yield {k: torch.cat([p[k] for p in pending]) for k in keys}
+
+
+def run_generate_train_data(args: argparse.Namespace) -> dict:
+    """Compute and store the hidden states of every selected, not yet finished sample of this process's share."""
+    from models.base_models.llamagen.loading import load_llamagen_gpt
+    from models.base_models.llamagen.t5 import to_left_padding
+    from models.registry import get_spec, resolve_path
+
+    ctx = ProcessContext.current(args.device)
+    device = ctx.device(resolve_device(args.device) if args.device else None) or resolve_device(None)
+    dtype = resolve_dtype(args.precision, device)
+    if args.batch_size < 1:
+        raise UserError("--batch_size must be >= 1")
+    data_path, out = Path(args.data_path), Path(args.output_dir)
+    codes = read_manifest(data_path, CODES_FORMAT)
+    n_tokens, model_type = int(codes["num_image_tokens"]), codes["model_type"]
+
+    all_ids = sorted(i for e in codes["shards"] for i in shard_sample_ids(data_path / e["file"]).tolist())
+    selected = all_ids[: args.num_samples] if args.num_samples is not None else all_ids
+    model_path = resolve_path(get_spec(args.model), "model", args.model_path)
+    target = load_llamagen_gpt(model_path, device, dtype, block_size=n_tokens)
+    cfg = target.config
+    if cfg.model_type != model_type:
+        raise UserError(f"{data_path} holds {model_type} codes but {model_path} is a {cfg.model_type} model")
+    streams = ["cond"] if args.no_uncond else ["cond", "uncond"]
+    settings = {"model": args.model, "model_type": model_type, "prefix_len": cfg.cls_token_num,
+                "num_image_tokens": n_tokens, "hidden_size": cfg.dim, "streams": streams}
+    check_resume_settings(out, HIDDEN_PREFIX, settings)
+    done = finished_sample_ids(out, HIDDEN_PREFIX)
+    todo = {i for i in selected if i not in done and ctx.owns(i)}
+    if done and ctx.is_main:
+        print(f"resuming: {len(done & set(selected))} of {len(selected)} samples already in {out}")
+
+    cond_keys = ["labels"] if model_type == "c2i" else ["caption_embs", "emb_masks"]
+    writer = ShardWriter(out, HIDDEN_PREFIX, ctx.rank, args.shard_size, settings)
+    bar = tqdm(total=len(todo), desc=f"generate_train_data r{ctx.rank}", unit="sample", disable=not ctx.is_main)
+    try:
+        for batch in code_batches(data_path, codes, todo, args.batch_size, ["tokens", "sample_id", *cond_keys]):
+            tokens = batch["tokens"].to(device)
+            if model_type == "c2i":
+                cond = batch["labels"].to(device)
+                valid = torch.ones(len(tokens), cfg.cls_token_num, dtype=torch.bool, device=device)
+            else:
+                if batch["caption_embs"].shape[1] != cfg.cls_token_num:
+                    raise ValueError(f"caption length {batch['caption_embs'].shape[1]} != the model's "
+                                     f"cls_token_num {cfg.cls_token_num}")
+                cond, valid = to_left_padding(batch["caption_embs"].to(device, dtype), batch["emb_masks"].to(device))
+                valid = valid.bool()
+            hidden, hidden_uncond = target_hidden_states(target, cond, valid, tokens, not args.no_uncond)
+            tensors = {"hidden": hidden.to(torch.float16), "tokens": batch["tokens"],
+                       "prefix_valid": valid.to(torch.uint8), "sample_id": batch["sample_id"]}
+            if hidden_uncond is not None:
+                tensors["hidden_uncond"] = hidden_uncond.to(torch.float16)
+            writer.add(tensors)
+            bar.update(len(tokens))
+    except BaseException:
+        writer.flush()  # keep every finished sample, then report the interruption
+        if ctx.is_main:
+            _merge(out, args, settings, cfg, model_path, ctx)
+        raise
+    writer.flush()
+    bar.close()
+    ctx.wait()
+    if not ctx.is_main:
+        return {}
+    manifest = _merge(out, args, settings, cfg, model_path, ctx)
+    print(f"{manifest['num_samples']} samples in {out} ({len(manifest['shards'])} shards)")
+    return manifest
+
+
+def _merge(out: Path, args: argparse.Namespace, settings: dict, cfg, model_path: Path, ctx: ProcessContext) -> dict:
+    header = {"format": DRAFTER_FORMAT, **settings, "vocab_size": cfg.vocab_size, "dtype": "float16",
+              "model_path": str(model_path), "codes": str(args.data_path), "num_processes": ctx.world}
+    return write_manifest(out, HIDDEN_PREFIX, header)
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_args().parse_args(argv))
+    args = parse_args().parse_args(argv)
+    t0 = time.perf_counter()
+    run_generate_train_data(args)
+    print(f"done in {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":
