@@ -111,11 +111,11 @@ def load_encoders(args: argparse.Namespace, device: torch.device, dtype: torch.d
         from models.families.llamagen import parse_class_prompt
         from models.registry import demo_class_parser
 
-        print(f"note: no GPT checkpoint at {gpt_path}; encoding with the VQ only (grid from --image_size)")
-        vq = load_llamagen_vq(resolve_path(spec, "vq", args.vq_path), device, torch.float32)
         size = args.image_size or DEFAULT_IMAGE_SIZES.get(args.model)
         if size is None:
             raise UserError(f"pass --image_size (no GPT checkpoint to read the token grid of {args.model!r} from)")
+        print(f"note: no GPT checkpoint at {gpt_path}; encoding with the VQ only at {size} px")
+        vq = load_llamagen_vq(resolve_path(spec, "vq", args.vq_path), device, torch.float32)
         if "t5" in spec.paths:
             from models.base_models.llamagen.t5 import load_text_encoder
 
