@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 from entrypoints.common import UserError, add_device_args, load_prompts, resolve_device, resolve_dtype, run_cli
-from models.generation import Prefix, key_validity, prefill
+from models.generation import Prefix, generate_ar
 from models.registry import MODELS
-from models.sampling import SamplingConfig, cfg_combine, target_probs
+from models.sampling import SamplingConfig
 from models.train_data import (
     CODES_FORMAT,
     CODES_PREFIX,
@@ -113,19 +113,6 @@ def sample_plan(args: argparse.Namespace) -> list[tuple[int, str]]:
     return [(idx * k + j, text) for idx, text in items for j in range(k)]
 
 
-def sample_with_uniforms(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw: probs (B, V), uniforms (B,) in [0, 1) -> tokens (B,).
-
-    Token v is returned iff cdf(v-1) <= u·total < cdf(v), so P(v) = p(v) exactly for u ~ U[0, 1); tokens with
-    zero probability are never returned (also when rounding pushes u·total onto the total).
-    """
-    cdf = probs.cumsum(dim=-1)
-    u = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
-    token = torch.searchsorted(cdf, u, right=True).squeeze(-1)
-    last_positive = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
-    return torch.minimum(token, last_positive)
-
-
 def sample_uniforms(seeds: list[int], num_tokens: int) -> torch.Tensor:
     """(B, num_tokens) uniforms in [0, 1), row b from its own CPU generator seeded with ``seeds[b]``.
 
@@ -147,37 +134,11 @@ def generate_seeded(
     uniforms: torch.Tensor,
     allowed_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain AR decoding like :func:`models.generation.generate_ar`, with one random stream per sample.
+    """Plain AR decoding with one random stream per sample (step t of sample b uses ``uniforms[b, t]``).
 
-    ``generate_ar`` draws the whole batch from one generator, so a sample's tokens would depend on its batch;
-    here step t of sample b uses ``uniforms[b, t]`` (inverse-CDF sampling), which makes every sample
-    reproducible on its own. Same cache, masks, CFG and logit processing as ``generate_ar`` (greedy outputs
-    are identical, see the tests).
+    A sample's tokens then do not depend on the batch it ran in, so resumed and re-batched runs agree.
     """
-    rows, t = prefix.rows, prefix.length
-    batch = uniforms.shape[0]
-    cache = target.new_cache(rows, t + num_tokens)
-    keys_valid = key_validity(prefix, t + num_tokens)
-    hidden = prefill(target, prefix, cache)
-    logits = target.lm_head(hidden[:, -1]).float()
-    uniforms = uniforms.to(hidden.device)
-    out = torch.empty(batch, num_tokens, dtype=torch.long, device=hidden.device)
-    for i in range(num_tokens):
-        combined = cfg_combine(logits, prefix.cfg_scale)
-        if allowed_tokens is not None:
-            combined = combined.masked_fill(~allowed_tokens, float("-inf"))
-        if sampling.greedy:
-            token = combined.argmax(dim=-1)
-        else:
-            token = sample_with_uniforms(target_probs(combined, sampling), uniforms[:, i])
-        out[:, i] = token
-        if i == num_tokens - 1:
-            break
-        pos = torch.tensor([t + i], device=hidden.device)
-        ids = token.repeat(rows // batch)[:, None]
-        h = target.forward_hidden(target.embed_tokens(ids), pos, cache, pos, keys_valid[:, None, None, : t + i + 1])
-        logits = target.lm_head(h[:, -1]).float()
-    return out
+    return generate_ar(target, prefix, num_tokens, sampling, allowed_tokens=allowed_tokens, uniforms=uniforms)[0]
 
 
 def run_self_distill(args: argparse.Namespace) -> dict:

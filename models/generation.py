@@ -78,11 +78,14 @@ def generate_ar(
     sampling: SamplingConfig,
     generator: torch.Generator | None = None,
     allowed_tokens: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """Sample ``num_tokens`` image tokens for every prompt of the prefix -> (B, num_tokens), stats.
 
     One target forward per token after the prefill; the unconditional rows receive the same tokens as the
     conditional ones. ``allowed_tokens`` (V,) bool restricts sampling to a family's image vocabulary.
+    ``uniforms`` (B, num_tokens) replaces ``generator`` by one random stream per sample (inverse-CDF draws), so
+    a sample's tokens do not depend on the batch it runs in.
     """
     start = time.perf_counter()
     rows, t = prefix.rows, prefix.length
@@ -97,7 +100,7 @@ def generate_ar(
         combined = cfg_combine(logits, prefix.cfg_scale)
         if allowed_tokens is not None:
             combined = combined.masked_fill(~allowed_tokens, float("-inf"))
-        token = sample_token(combined, sampling, generator)
+        token = sample_token(combined, sampling, generator, None if uniforms is None else uniforms[:, i].to(combined.device))
         out[:, i] = token
         if i == num_tokens - 1:
             break

@@ -80,10 +80,32 @@ def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = N
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
+def sample_with_uniforms(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: probs (B, V), uniforms (B,) in [0, 1) -> tokens (B,).
+
+    Token v is returned iff cdf(v-1) <= u·total < cdf(v), so P(v) = p(v) exactly for u ~ U[0, 1); tokens with
+    zero probability are never returned (also when rounding pushes u·total onto the total).
+    """
+    cdf = probs.cumsum(dim=-1)
+    u = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    token = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    last_positive = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(token, last_positive)
+
+
 def sample_token(
-    logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """CFG-combined logits (..., V) -> tokens (...,): argmax when greedy, else a draw from ``target_probs``."""
+    """CFG-combined logits (B, V) -> tokens (B,): argmax when greedy, else a draw from ``target_probs``.
+
+    With ``uniforms`` (B,) the draw is an inverse-CDF lookup (one random stream per row) instead of ``generator``.
+    """
     if sampling.greedy:
         return logits.argmax(dim=-1)
-    return sample_from_probs(target_probs(logits, sampling), generator)
+    probs = target_probs(logits, sampling)
+    if uniforms is not None:
+        return sample_with_uniforms(probs, uniforms)
+    return sample_from_probs(probs, generator)

@@ -18,7 +18,7 @@ from models.base_models.llamagen.loading import load_llamagen_gpt
 from models.base_models.llamagen.t5 import save_text_cache
 from models.families.base import SamplerDefaults
 from models.families.llamagen import LlamaGenFamily
-from models.sampling import SamplingConfig, cfg_combine, target_probs
+from models.sampling import SamplingConfig, cfg_combine, sample_with_uniforms, target_probs
 from models.train_data import CODES_FORMAT, CODES_PREFIX, read_manifest
 
 
@@ -30,11 +30,11 @@ def test_inverse_cdf_sampling_hits_every_token_in_proportion_and_never_a_zero():
     probs = torch.tensor([[0.1, 0.0, 0.25, 0.5, 0.15, 0.0]])
     m = 1000
     u = (torch.arange(m) + 0.5) / m  # an even grid of uniforms: counts must equal p·m up to rounding
-    tokens = self_distill.sample_with_uniforms(probs.expand(m, -1), u)
+    tokens = sample_with_uniforms(probs.expand(m, -1), u)
     counts = torch.bincount(tokens, minlength=6).float()
     assert torch.allclose(counts / m, probs[0], atol=1.5 / m)
     # rounding can push u·total onto the total: still the last token with mass, never a zero-probability one
-    edge = self_distill.sample_with_uniforms(probs, torch.tensor([1.0]))
+    edge = sample_with_uniforms(probs, torch.tensor([1.0]))
     assert edge.item() == 4
 
 
