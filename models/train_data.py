@@ -8,13 +8,14 @@ Common layout
 -------------
 A folder of ``{prefix}_r{rank}_{index:05d}.safetensors`` files plus ``manifest.json``. Every process (rank) of a
 run writes only its own ``_r{rank}_`` files, so parallel writers never collide; each file is written under a
-temporary name and renamed, so a file that exists is complete. ``sample_id`` (int64) is global and unique over
-the folder. Runs are resumable: samples whose id is already in a shard are skipped. Under ``accelerate launch``
-a sample belongs to rank ``sample_id % num_processes`` (a rule every rank applies identically without talking
-to the others). ``manifest.json`` is rebuilt from the shard files at the end of every run (and after an
-interruption); ``shards`` lists ``{"file", "num_samples", "first_sample_id", "rank"}`` in (rank, index) order,
-and ``num_samples`` is the total. Shard metadata (safetensors string metadata, JSON-encoded): ``settings``
-(the producing run's settings, checked on resume) and per-sample string lists such as ``prompts``.
+temporary name and renamed, so a file that exists is complete. ``sample_id`` (int64) is global and unique over the
+folder. Runs are resumable: samples whose id is already in a shard are skipped. Under ``accelerate launch`` a
+sample belongs to rank ``sample_id % num_processes`` (:meth:`ProcessContext.owns`: a rule every
+rank applies identically without talking to the others). ``manifest.json`` is rebuilt from the shard files at the
+end of every run (and after an interruption); ``shards`` lists ``{"file", "num_samples", "first_sample_id",
+"rank"}`` in (rank, index) order, and ``num_samples`` is the total. Shard metadata (safetensors string metadata,
+JSON-encoded): ``settings`` (the producing run's settings, checked on resume) and per-sample string lists such as
+``prompts``.
 
 1. Code shards (``codes_r{rank}_{index:05d}.safetensors``, format ``"lantern-codes/1"``)
    ========================================================================================
@@ -45,7 +46,8 @@ and ``num_samples`` is the total. Shard metadata (safetensors string metadata, J
      ``sample_id``     (n,) int64
    manifest: ``{"format": "lantern-drafter-data/1", "model", "model_type", "prefix_len": T,
    "num_image_tokens": N, "hidden_size": H, "vocab_size", "streams": ["cond", "uncond"] or ["cond"],
-   "dtype": "float16", "model_path", "codes", "shards": [...], "num_samples"}``.
+   "dtype": "float16", "model_path", "codes", "shards": [...], "num_samples"}``. :func:`read_data_info` validates
+   a folder (without ``manifest.json`` it globs the shards and takes the layout from their shapes).
 
 Drafter pairing (EAGLE; LANTERN)
 --------------------------------
@@ -60,7 +62,6 @@ Anole / Lumina-mGPT data paired f_t with x_t (off by one), which is not reproduc
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import re
@@ -70,6 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from models.checkpoints import save_safetensors_atomic, write_json_atomic
@@ -239,6 +241,10 @@ def write_manifest(folder: str | os.PathLike, prefix: str, header: dict[str, Any
 # reading
 
 
+class DrafterDataError(ValueError):
+    """A shard folder is missing, malformed or inconsistent; the message says which file and why."""
+
+
 def read_manifest(folder: str | os.PathLike, expected_format: str | None = None) -> dict[str, Any]:
     """``manifest.json`` of a shard folder (optionally checking its ``format``)."""
     path = Path(folder) / MANIFEST
@@ -247,9 +253,15 @@ def read_manifest(folder: str | os.PathLike, expected_format: str | None = None)
             f"{path} not found: not a shard folder, or its run was killed before writing it "
             "(rerun the producing command to rebuild it)"
         )
-    manifest = json.loads(path.read_text())
-    if expected_format is not None and manifest.get("format") != expected_format:
-        raise ValueError(f"{folder}: format {manifest.get('format')!r}, expected {expected_format!r}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DrafterDataError(f"{path}: not valid JSON ({e})") from e
+    fmt = manifest.get("format")
+    if expected_format is not None and fmt != expected_format:
+        if str(fmt).split("/")[0] == expected_format.split("/")[0]:
+            raise DrafterDataError(f"{path}: format {fmt!r} is newer than this reader ({expected_format})")
+        raise DrafterDataError(f"{path}: format {fmt!r}, expected {expected_format!r}")
     return manifest
 
 
@@ -268,6 +280,125 @@ def iter_shards(folder: str | os.PathLike, keys: list[str] | None = None) -> Ite
     for entry in read_manifest(folder)["shards"]:
         tensors, meta = read_shard(folder / entry["file"], keys)
         yield Shard(folder / entry["file"], tensors, meta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# hidden-state folders (format 2): layout, validation, pairing, per-sample reader
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    num_samples: int
+
+
+@dataclass
+class DrafterDataInfo:
+    """Layout of a hidden-state folder (from ``manifest.json`` or, without one, from the shards' shapes)."""
+
+    root: Path
+    prefix_len: int  # T: condition positions
+    num_image_tokens: int  # N
+    hidden_size: int  # H
+    shards: list[ShardInfo]
+    has_uncond: bool
+    vocab_size: int | None = None
+    model: str | None = None
+    model_path: str | None = None
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def seq_len(self) -> int:
+        """Length of the stored hidden sequences: T + N − 1."""
+        return self.prefix_len + self.num_image_tokens - 1
+
+
+def _shard_shapes(path: Path) -> dict[str, tuple[list[int], str]]:
+    """Tensor name -> (shape, dtype) from a shard's header (no tensor data is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any header problem is reported with the file name
+        raise DrafterDataError(f"{path}: not a readable safetensors shard ({e})") from e
+
+
+def _check_hidden_shard(path: Path, shapes: dict[str, tuple[list[int], str]]) -> tuple[int, int, int, int, bool]:
+    """Validate one hidden-state shard's tensors against each other -> (n, T, N, H, has_uncond)."""
+    for name in ("hidden", "tokens", "prefix_valid", "sample_id"):
+        if name not in shapes:
+            raise DrafterDataError(f"{path}: missing tensor {name!r} (has {sorted(shapes)}); expected {DRAFTER_FORMAT}")
+    hidden, tokens, valid = shapes["hidden"][0], shapes["tokens"][0], shapes["prefix_valid"][0]
+    if len(hidden) != 3 or len(tokens) != 2 or len(valid) != 2:
+        raise DrafterDataError(f"{path}: expected hidden (n, T+N-1, H), tokens (n, N), prefix_valid (n, T); "
+                               f"got {hidden}, {tokens}, {valid}")
+    n, (_, t), (_, num_tok) = hidden[0], valid, tokens
+    if tokens[0] != n or valid[0] != n or hidden[1] != t + num_tok - 1:
+        raise DrafterDataError(f"{path}: inconsistent shapes hidden {hidden}, tokens {tokens}, prefix_valid {valid} "
+                               f"(hidden must be (n, T+N-1, H))")
+    has_uncond = "hidden_uncond" in shapes
+    if has_uncond and shapes["hidden_uncond"][0] != hidden:
+        raise DrafterDataError(f"{path}: hidden_uncond {shapes['hidden_uncond'][0]} differs from hidden {hidden}")
+    return n, t, num_tok, hidden[2], has_uncond
+
+
+def read_data_info(folder: str | os.PathLike) -> DrafterDataInfo:
+    """Read and validate a hidden-state folder: ``manifest.json`` (if any) and every shard's header.
+
+    Without a manifest the ``hidden_r*`` shards are globbed, so a folder of shards alone (e.g. copied from
+    several machines) is enough. The manifest's numbers are checked against the shards, so a stale or
+    hand-edited manifest is caught here rather than as a shape error mid-training.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise DrafterDataError(f"training data folder not found: {root} (run generate_train_data first)")
+    manifest = read_manifest(root, DRAFTER_FORMAT) if (root / MANIFEST).exists() else {}
+    if manifest.get("shards"):
+        paths = [root / s["file"] for s in manifest["shards"]]
+        for p in paths:
+            if not p.exists():
+                raise DrafterDataError(f"{root / MANIFEST} lists {p.name}, which is missing")
+    else:
+        paths = [p for _, _, p in list_shard_files(root, HIDDEN_PREFIX)]
+    if not paths:
+        raise DrafterDataError(f"{root}: no shards (expected {HIDDEN_PREFIX}_r{{rank}}_{{index:05d}}.safetensors and {MANIFEST})")
+
+    shards: list[ShardInfo] = []
+    layout: tuple[int, int, int] | None = None
+    uncond_flags = []
+    listed = {s["file"]: s.get("num_samples") for s in manifest.get("shards", [])}
+    for p in paths:
+        n, t, num_tok, h, has_uncond = _check_hidden_shard(p, _shard_shapes(p))
+        if layout is None:
+            layout = (t, num_tok, h)
+        elif (t, num_tok, h) != layout:
+            raise DrafterDataError(f"{p}: layout (T, N, H) = {(t, num_tok, h)} differs from the first shard's {layout}")
+        if listed.get(p.name) is not None and listed[p.name] != n:
+            raise DrafterDataError(f"{p}: holds {n} samples, {MANIFEST} says {listed[p.name]}")
+        uncond_flags.append(has_uncond)
+        if n > 0:
+            shards.append(ShardInfo(p, n))
+    t, num_tok, h = layout
+    for key, value in (("prefix_len", t), ("num_image_tokens", num_tok), ("hidden_size", h)):
+        if key in manifest and manifest[key] != value:
+            raise DrafterDataError(f"{root / MANIFEST}: {key} = {manifest[key]}, but the shards have {value}")
+    if num_tok < 2:
+        raise DrafterDataError(f"{root}: need at least 2 image tokens per sample, got {num_tok}")
+    streams = manifest.get("streams")
+    has_uncond = all(uncond_flags)
+    if streams is not None and ("uncond" in streams) != has_uncond:
+        raise DrafterDataError(f"{root}: manifest streams {streams} but hidden_uncond is "
+                               f"{'present' if has_uncond else 'missing'} in {'all' if has_uncond else 'some'} shards")
+    info = DrafterDataInfo(root, t, num_tok, h, shards, has_uncond, manifest.get("vocab_size"),
+                           manifest.get("model"), manifest.get("model_path"), manifest)
+    if info.num_samples == 0:
+        raise DrafterDataError(f"{root}: the shards hold no samples")
+    return info
 
 
 def drafter_input_ids(tokens: torch.Tensor, prefix_len: int) -> torch.Tensor:
@@ -289,37 +420,65 @@ def drafter_loss_mask(prefix_len: int, num_image_tokens: int) -> torch.Tensor:
 
 
 class DrafterDataset(torch.utils.data.Dataset):
-    """Per-sample view of a hidden-state shard folder (format 2), read lazily.
+    """Per-sample view of a hidden-state folder (format 2; optionally a subset ``indices``), read lazily.
 
-    Item ``i`` is a dict: ``hidden`` (L, H) float16, ``hidden_uncond`` (L, H) float16 (when the folder has
-    the uncond stream and ``use_uncond``), ``input_ids`` (L,) int64, ``loss_mask`` (L,) bool, ``prefix_valid``
-    (T,) bool, ``tokens`` (N,) int64, ``sample_id`` () int64. Rows are read from memory-mapped files, so only
-    the requested samples are loaded; at most ``max_open_files`` shard files are kept open (per worker: the
-    open handles are not pickled into DataLoader workers).
+    Item ``i`` is a dict: ``hidden`` (L, H) float16, ``input_ids`` (L,) int64, ``loss_mask`` (L,) bool,
+    ``prefix_valid`` (T,) bool, ``tokens`` (N,) int64, ``sample_id`` () int64, and, for the streams:
+
+    - ``uncond_prob=None`` (default): ``hidden`` is the cond stream and ``hidden_uncond`` (L, H) the uncond
+      one (when the folder has it and ``use_uncond``);
+    - ``uncond_prob=p`` (training): one stream per sample, ``hidden`` from the uncond stream in a fraction p
+      of epochs and ``uncond`` () bool saying which. The choice is drawn per (epoch, sample) from ``seed``, so
+      it does not depend on the batch size, the number of processes or on where a resumed run restarted; call
+      :meth:`set_epoch` before each epoch (the training loop and accelerate's data loader both do).
+
+    Rows are read from memory-mapped files, so only the requested samples are loaded; at most
+    ``max_open_files`` shard files are kept open (None: all), per worker: open handles are not pickled into
+    DataLoader workers.
     """
 
-    def __init__(self, folder: str | os.PathLike, use_uncond: bool = True, max_open_files: int = 8):
-        self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder, DRAFTER_FORMAT)
-        self.prefix_len = int(self.manifest["prefix_len"])
-        self.num_image_tokens = int(self.manifest["num_image_tokens"])
-        self.hidden_size = int(self.manifest["hidden_size"])
-        self.has_uncond = use_uncond and "uncond" in self.manifest["streams"]
-        self.files = [e["file"] for e in self.manifest["shards"]]
-        self.offsets = [0]
-        for e in self.manifest["shards"]:
-            self.offsets.append(self.offsets[-1] + int(e["num_samples"]))
+    def __init__(self, data: str | os.PathLike | DrafterDataInfo, indices: Any = None, *,
+                 uncond_prob: float | None = None, seed: int = 0, use_uncond: bool = True,
+                 max_open_files: int | None = 8):
+        self.info = data if isinstance(data, DrafterDataInfo) else read_data_info(data)
+        n = self.info.num_samples
+        self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.has_uncond = use_uncond and self.info.has_uncond
+        self.sampled = uncond_prob is not None
+        self.uncond_prob = (uncond_prob or 0.0) if self.has_uncond else 0.0
+        self.seed = seed
         self.loss_mask = drafter_loss_mask(self.prefix_len, self.num_image_tokens)
         self.max_open_files = max_open_files
+        self._starts = np.cumsum([0] + [s.num_samples for s in self.info.shards])
         self._handles: OrderedDict[int, Any] = OrderedDict()
+        self._use_uncond = np.zeros(n, dtype=bool)
+        self.set_epoch(0)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.info.prefix_len
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.info.num_image_tokens
+
+    @property
+    def hidden_size(self) -> int:
+        return self.info.hidden_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's stream per sample (``uncond_prob``)."""
+        self.epoch = epoch
+        if self.uncond_prob > 0:
+            rng = np.random.default_rng([self.seed, epoch, 7])
+            self._use_uncond = rng.random(self.info.num_samples) < self.uncond_prob
 
     def __len__(self) -> int:
-        return self.offsets[-1]
+        return len(self.indices)
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_handles"] = OrderedDict()
-        return state
+        # open shard handles are per process (they cannot be pickled into DataLoader workers)
+        return {**self.__dict__, "_handles": OrderedDict()}
 
     def _handle(self, shard: int):
         from safetensors import safe_open
@@ -327,33 +486,35 @@ class DrafterDataset(torch.utils.data.Dataset):
         if shard in self._handles:
             self._handles.move_to_end(shard)
         else:
-            self._handles[shard] = safe_open(str(self.folder / self.files[shard]), framework="pt")
-            if len(self._handles) > self.max_open_files:
+            self._handles[shard] = safe_open(str(self.info.shards[shard].path), framework="pt")
+            if self.max_open_files is not None and len(self._handles) > self.max_open_files:
                 self._handles.popitem(last=False)
         return self._handles[shard]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
+        if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range (dataset has {len(self)})")
-        shard = bisect.bisect_right(self.offsets, i) - 1
-        row = i - self.offsets[shard]
+        g = int(self.indices[i])
+        shard = int(np.searchsorted(self._starts, g, side="right") - 1)
+        row = g - int(self._starts[shard])
         f = self._handle(shard)
 
         def get(key: str) -> torch.Tensor:
             return f.get_slice(key)[row : row + 1][0]
 
-        tokens = get("tokens")
+        uncond = bool(self._use_uncond[g])
+        tokens = get("tokens").long()
         item = {
-            "hidden": get("hidden"),
+            "hidden": get("hidden_uncond" if uncond else "hidden"),
             "input_ids": drafter_input_ids(tokens, self.prefix_len),
             "loss_mask": self.loss_mask.clone(),
             "prefix_valid": get("prefix_valid").bool(),
             "tokens": tokens,
             "sample_id": get("sample_id"),
         }
-        if self.has_uncond:
+        if self.sampled:
+            item["uncond"] = torch.tensor(uncond)
+        elif self.has_uncond:
             item["hidden_uncond"] = get("hidden_uncond")
         return item
 

@@ -19,16 +19,11 @@ from safetensors.torch import load_file, save_file
 
 from entrypoints.common import UserError
 from entrypoints.train_drafter import main as td
-from entrypoints.train_drafter.data_utils import (
-    DrafterDataError,
-    DrafterDataset,
-    make_drafter_batch,
-    read_data_info,
-    split_indices,
-)
+from entrypoints.train_drafter.data_utils import make_drafter_batch, split_indices
 from models.base_models.llamagen.gpt import GPTConfig, LlamaGenGPT
 from models.drafters.cnets import EagleDrafter, load_drafter
 from models.generation import prefix_attention_mask
+from models.train_data import DrafterDataError, DrafterDataset, read_data_info
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T, N, DIM, VOCAB = 4, 16, 32, 64

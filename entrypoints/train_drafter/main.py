@@ -43,17 +43,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from entrypoints.common import PRECISIONS, UserError, run_cli, set_seed
-from entrypoints.train_drafter.data_utils import (
-    DrafterDataInfo,
-    DrafterDataset,
-    EpochShuffleSampler,
-    feature_noise,
-    make_drafter_batch,
-    read_data_info,
-    split_indices,
-)
+from entrypoints.train_drafter.data_utils import EpochShuffleSampler, feature_noise, make_drafter_batch, split_indices
 from models.drafters.cnets import INPUT_TYPES, DrafterConfig, EagleDrafter, load_drafter, save_drafter
 from models.registry import MODELS, REPO_ROOT
+from models.train_data import DrafterDataInfo, DrafterDataset, read_data_info
 
 STATE_FORMAT = "lantern-drafter-train-state/1"
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -366,12 +359,14 @@ def train(args: argparse.Namespace) -> dict:
     train_idx, eval_idx = split_indices(info.num_samples, args.eval_fraction)
     if info.has_uncond is False and args.uncond_prob > 0:
         accelerator.print("note: the data has no uncond stream (hidden_uncond); training on the cond stream only")
-    train_ds = DrafterDataset(info, train_idx, args.uncond_prob, args.seed)
+    # one stream per sample (the held-out set: always cond); shuffled reads touch every shard, so keep all open
+    train_ds = DrafterDataset(info, train_idx, uncond_prob=args.uncond_prob, seed=args.seed, max_open_files=None)
     sampler = EpochShuffleSampler(len(train_ds), args.seed)
     train_loader = DataLoader(train_ds, batch_size=args.bs, sampler=sampler, num_workers=args.num_workers)
     eval_loader = None
     if len(eval_idx):
-        eval_loader = DataLoader(DrafterDataset(info, eval_idx), batch_size=args.bs, num_workers=args.num_workers)
+        eval_ds = DrafterDataset(info, eval_idx, uncond_prob=0.0, max_open_files=None)
+        eval_loader = DataLoader(eval_ds, batch_size=args.bs, num_workers=args.num_workers)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     if eval_loader is not None:
