@@ -26,6 +26,7 @@ from entrypoints.common import (
     run_cli,
 )
 from models.checkpoints import write_json_atomic
+from models.distributed import ProcessContext
 from models.registry import MODELS
 from models.sampling import SamplingConfig
 
@@ -111,13 +112,13 @@ def run_generate_image(args: argparse.Namespace) -> dict:
                         "original); use base or eagle")
     from models.registry import load_family
 
-    shard = ProcessShard.from_env()
-    device = resolve_device(args.device if args.device or shard.world == 1 else shard.device)
+    ctx = ProcessContext.current(args.device)
+    device = ctx.device(resolve_device(args.device) if args.device else None) or resolve_device(None)
     dtype = resolve_dtype(args.precision, device)
     prompt, default_n = (args.prompt, None) if args.prompt else default_prompt(args.model)
     all_items = load_prompts(prompt, args.prompt_dir, args.num_images if args.num_images is not None else default_n,
                              args.slice)
-    items = all_items[shard.rank :: shard.world]  # round-robin over processes; indices stay global
+    items = all_items[ctx.rank :: ctx.world]  # round-robin over processes; indices stay global
 
     family = load_family(args.model, device, dtype, args.model_path, args.vq_path, args.t5_path, args.image_size)
     sampling, cfg_scale = _sampling(args, family.defaults)
@@ -131,15 +132,15 @@ def run_generate_image(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start, end = all_items[0][0], all_items[-1][0] + 1
     final_path = out / f"global_statistics_{start}_{end}.json"
-    stats_path = final_path if shard.world == 1 else out / f"global_statistics_{start}_{end}.rank{shard.rank}.json"
+    stats_path = final_path if ctx.world == 1 else out / f"global_statistics_{start}_{end}.rank{ctx.rank}.json"
     stats: dict = json.loads(stats_path.read_text()) if stats_path.exists() and not args.overwrite else {}
     config = {k: v for k, v in vars(args).items()}
     config.update(resolved_temperature=sampling.temperature, resolved_top_k=sampling.top_k,
                   resolved_top_p=sampling.top_p, resolved_cfg=cfg_scale, resolved_device=str(device),
                   resolved_precision=str(dtype).replace("torch.", ""))
-    if shard.rank == 0:
+    if ctx.is_main:
         write_json_atomic(config, out / "generation_configs.json")
-    if shard.world > 1 and final_path.exists() and not args.overwrite:  # resume a sharded run
+    if ctx.world > 1 and final_path.exists() and not args.overwrite:  # resume a sharded run
         done = json.loads(final_path.read_text())
         stats.update({k: v for k, v in done.items() if k in {f"prompt_{i}" for i, _ in items}})
 
@@ -148,8 +149,8 @@ def run_generate_image(args: argparse.Namespace) -> dict:
         print(f"resuming: {len(items) - len(todo)} of {len(items)} images already in {out}")
     from torchvision.utils import save_image
 
-    bar = tqdm(todo, desc=f"{args.model}/{args.model_type}" + (f" [rank {shard.rank}]" if shard.world > 1 else ""),
-               unit="img", position=shard.rank)
+    bar = tqdm(todo, desc=f"{args.model}/{args.model_type}" + (f" [rank {ctx.rank}]" if ctx.world > 1 else ""),
+               unit="img", position=ctx.rank)
     for idx, prompt_text in bar:
         generator = torch.Generator(device=device)
         generator.manual_seed(args.random_seed + idx if args.set_seed else int(torch.randint(0, 2**62, (1,))))
@@ -175,48 +176,27 @@ def run_generate_image(args: argparse.Namespace) -> dict:
         stats[f"prompt_{idx}"] = entry
         write_json_atomic(stats, stats_path)
         bar.set_postfix(latency=f"{gstats.latency:.2f}s", tau=f"{entry['step_compression']:.2f}")
-    if shard.world > 1:
-        stats = shard.merge_stats(final_path, stats_path)
+    if ctx.world > 1:
+        stats = merge_rank_stats(ctx, final_path)
         items = all_items
-    if shard.rank == 0:
+    if ctx.is_main:
         _print_summary(stats, items)
     return stats
 
 
-class ProcessShard:
-    """This process's share of the prompts when launched with ``accelerate launch`` (one process otherwise)."""
-
-    def __init__(self, state=None):
-        self.state = state
-        self.rank = state.process_index if state else 0
-        self.world = state.num_processes if state else 1
-        self.device = str(state.device).split(":")[0] if state and state.device.type == "cpu" else (
-            str(state.device) if state else None)
-
-    @classmethod
-    def from_env(cls) -> ProcessShard:
-        import os
-
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
-
-            # without CUDA, accelerate only forms the gloo process group when asked for CPU explicitly
-            return cls(PartialState(cpu=not torch.cuda.is_available()))
-        return cls()
-
-    def merge_stats(self, final_path: Path, own_path: Path) -> dict:
-        """Wait for every rank, then rank 0 merges the per-rank statistics into the run's single JSON."""
-        self.state.wait_for_everyone()
-        merged: dict = json.loads(final_path.read_text()) if final_path.exists() else {}
-        if self.rank == 0:
-            for part in sorted(final_path.parent.glob(final_path.stem + ".rank*.json")):
-                merged.update(json.loads(part.read_text()))
-            merged = dict(sorted(merged.items(), key=lambda kv: int(kv[0].split("_")[1])))
-            write_json_atomic(merged, final_path)
-            for part in final_path.parent.glob(final_path.stem + ".rank*.json"):
-                part.unlink()
-        self.state.wait_for_everyone()
-        return json.loads(final_path.read_text())
+def merge_rank_stats(ctx: ProcessContext, final_path: Path) -> dict:
+    """Wait for every rank, then rank 0 merges the per-rank statistics into the run's single JSON."""
+    ctx.wait()
+    merged: dict = json.loads(final_path.read_text()) if final_path.exists() else {}
+    if ctx.is_main:
+        for part in sorted(final_path.parent.glob(final_path.stem + ".rank*.json")):
+            merged.update(json.loads(part.read_text()))
+        merged = dict(sorted(merged.items(), key=lambda kv: int(kv[0].split("_")[1])))
+        write_json_atomic(merged, final_path)
+        for part in final_path.parent.glob(final_path.stem + ".rank*.json"):
+            part.unlink()
+    ctx.wait()
+    return json.loads(final_path.read_text())
 
 
 def _print_summary(stats: dict, items: list[tuple[int, str]]) -> None:

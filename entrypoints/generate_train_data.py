@@ -21,13 +21,13 @@ import torch
 from tqdm import tqdm
 
 from entrypoints.common import UserError, add_device_args, resolve_device, resolve_dtype, run_cli
+from models.distributed import ProcessContext
 from models.generation import prefix_attention_mask
 from models.registry import MODELS
 from models.train_data import (
     CODES_FORMAT,
     DRAFTER_FORMAT,
     HIDDEN_PREFIX,
-    ProcessContext,
     ShardWriter,
     check_resume_settings,
     finished_sample_ids,

@@ -30,13 +30,13 @@ import torch
 from tqdm import tqdm
 
 from entrypoints.common import UserError, add_device_args, load_prompts, resolve_device, resolve_dtype, run_cli
+from models.distributed import ProcessContext
 from models.generation import Prefix, generate_ar
 from models.registry import MODELS
 from models.sampling import SamplingConfig
 from models.train_data import (
     CODES_FORMAT,
     CODES_PREFIX,
-    ProcessContext,
     ShardWriter,
     check_resume_settings,
     finished_metadata,

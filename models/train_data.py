@@ -10,7 +10,7 @@ A folder of ``{prefix}_r{rank}_{index:05d}.safetensors`` files plus ``manifest.j
 run writes only its own ``_r{rank}_`` files, so parallel writers never collide; each file is written under a
 temporary name and renamed, so a file that exists is complete. ``sample_id`` (int64) is global and unique over the
 folder. Runs are resumable: samples whose id is already in a shard are skipped. Under ``accelerate launch`` a
-sample belongs to rank ``sample_id % num_processes`` (:meth:`ProcessContext.owns`: a rule every
+sample belongs to rank ``sample_id % num_processes`` (:meth:`models.distributed.ProcessContext.owns`: a rule every
 rank applies identically without talking to the others). ``manifest.json`` is rebuilt from the shard files at the
 end of every run (and after an interruption); ``shards`` lists ``{"file", "num_samples", "first_sample_id",
 "rank"}`` in (rank, index) order, and ``num_samples`` is the total. Shard metadata (safetensors string metadata,
@@ -517,52 +517,3 @@ class DrafterDataset(torch.utils.data.Dataset):
         elif self.has_uncond:
             item["hidden_uncond"] = get("hidden_uncond")
         return item
-
-
-# ---------------------------------------------------------------------------------------------------
-# running a producer on one or several processes
-
-
-@dataclass
-class ProcessContext:
-    """Which share of the samples this process produces (``accelerate launch`` or a single process)."""
-
-    rank: int = 0
-    world: int = 1
-    state: Any = None
-
-    @classmethod
-    def current(cls, device: str | None = None) -> ProcessContext:
-        """From ``accelerate.PartialState`` (a plain single process when not launched by accelerate).
-
-        ``device`` is the user's ``--device``. Processes on the CPU (asked for, or no accelerator present)
-        need ``PartialState(cpu=True)`` to form a gloo group; without it accelerate silently treats every
-        process as a lone one, which would make them all produce the same samples, so that is checked.
-        """
-        from accelerate import PartialState
-
-        has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-        cpu = not has_accelerator or (device is not None and torch.device(device).type == "cpu")
-        state = PartialState(cpu=cpu)
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if state.num_processes != launched:
-            raise RuntimeError(f"launched as {launched} processes but accelerate sees {state.num_processes}")
-        return cls(state.process_index, state.num_processes, state)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def owns(self, sample_id: int) -> bool:
-        """Sample ``sample_id`` belongs to rank ``sample_id % world``."""
-        return sample_id % self.world == self.rank
-
-    def wait(self) -> None:
-        if self.world > 1 and self.state is not None:
-            self.state.wait_for_everyone()
-
-    def device(self, requested: torch.device | None) -> torch.device | None:
-        """The user's device, else accelerate's per-process device when several processes run (cuda:local_rank)."""
-        if requested is not None or self.world == 1 or self.state is None:
-            return requested
-        return self.state.device

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 
 from entrypoints.common import PRECISIONS, UserError, run_cli, set_seed
 from entrypoints.train_drafter.data_utils import EpochShuffleSampler, feature_noise, make_drafter_batch, split_indices
+from models.distributed import check_process_count, needs_cpu_flag
 from models.drafters.cnets import INPUT_TYPES, DrafterConfig, EagleDrafter, load_drafter, save_drafter
 from models.registry import MODELS, REPO_ROOT
 from models.train_data import DrafterDataInfo, DrafterDataset, read_data_info
@@ -306,12 +307,11 @@ def latest_checkpoint(save_dir: Path) -> Path | None:
 def _accelerator(args):
     from accelerate import Accelerator
 
-    acc = getattr(torch, "accelerator", None)
-    has_device = acc.is_available() if acc is not None else torch.cuda.is_available()
-    # without a GPU, accelerate only forms a (gloo) process group when asked for CPU explicitly
-    return Accelerator(cpu=args.cpu or not has_device,
-                       mixed_precision=MIXED_PRECISION[args.precision] if args.precision else None,
-                       step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(cpu=needs_cpu_flag("cpu" if args.cpu else None),
+                              mixed_precision=MIXED_PRECISION[args.precision] if args.precision else None,
+                              step_scheduler_with_optimizer=False)
+    check_process_count(accelerator.num_processes)
+    return accelerator
 
 
 @torch.no_grad()
