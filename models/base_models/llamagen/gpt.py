@@ -133,13 +133,14 @@ def precompute_freqs_cis_2d(
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, S, H, D) by freqs (S, D/2, 2), in float32."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    fc = freqs.view(1, xs.size(1), 1, xs.size(3), 2)
-    out = torch.stack(
-        [xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1], xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1
-    )
-    return out.flatten(3).type_as(x)
+    """Rotate interleaved pairs of x (B, S, H, D) by freqs (S, D/2, 2) = (cos, sin), in float32.
+
+    (x0 + i·x1)·(cos + i·sin) as one complex product: the same arithmetic as LlamaGen's stacked form
+    (bitwise equal), several times faster for multi-token calls.
+    """
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+    fc = torch.view_as_complex(freqs.float().contiguous()).view(1, x.shape[1], 1, -1)
+    return torch.view_as_real(xc * fc).flatten(3).type_as(x)
 
 
 def attend(
