@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,10 @@ from models.train_data import (
     CODES_PREFIX,
     ShardWriter,
     check_resume_settings,
+    finish_shards,
     finished_metadata,
     finished_sample_ids,
-    write_manifest,
+    timed_main,
 )
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -210,6 +210,9 @@ def run_extract_code(args: argparse.Namespace) -> dict:
     enc = load_encoders(args, device, dtype)
     settings = {"model": args.model, "image_size": enc.image_size, "num_image_tokens": enc.num_image_tokens,
                 "model_type": enc.model_type}
+    header = {"format": CODES_FORMAT, "model": args.model, "num_image_tokens": enc.num_image_tokens,
+              "model_type": enc.model_type, "source": "extract_code", "image_size": enc.image_size,
+              "data_path": str(args.data_path), "vq_path": args.vq_path, "num_processes": ctx.world}
     check_resume_settings(out, CODES_PREFIX, settings)
     done_names = finished_metadata(out, CODES_PREFIX, "names")
     moved = [i for i, p in enumerate(images) if i in done_names and done_names[i] != p.name]
@@ -245,15 +248,11 @@ def run_extract_code(args: argparse.Namespace) -> dict:
             if good:
                 writer.add(*_encode(enc, good, device))
             bar.update(len(batch))
-    except BaseException:
-        writer.flush()  # keep every finished sample, then report the interruption
-        if ctx.is_main:
-            _merge(out, args, enc, ctx)
+    except BaseException:  # keep every finished sample, then report the interruption
+        finish_shards(ctx, writer, out, CODES_PREFIX, header, interrupted=True)
         raise
-    writer.flush()
     bar.close()
-    ctx.wait()
-    manifest = _merge(out, args, enc, ctx) if ctx.is_main else {}
+    manifest = finish_shards(ctx, writer, out, CODES_PREFIX, header)
     if skipped:
         print(f"rank {ctx.rank}: skipped {len(skipped)} of {len(todo)} samples (unreadable image or caption): "
               + ", ".join(n for n, _ in skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
@@ -278,18 +277,8 @@ def _encode(enc: Encoders, items: list[dict], device: torch.device) -> tuple[dic
     return tensors, {"prompts": texts, "names": [it["name"] for it in items]}
 
 
-def _merge(out: Path, args: argparse.Namespace, enc: Encoders, ctx: ProcessContext) -> dict:
-    header = {"format": CODES_FORMAT, "model": args.model, "num_image_tokens": enc.num_image_tokens,
-              "model_type": enc.model_type, "source": "extract_code", "image_size": enc.image_size,
-              "data_path": str(args.data_path), "vq_path": args.vq_path, "num_processes": ctx.world}
-    return write_manifest(out, CODES_PREFIX, header)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args().parse_args(argv)
-    t0 = time.perf_counter()
-    run_extract_code(args)
-    print(f"done in {time.perf_counter() - t0:.1f} s")
+    timed_main(run_extract_code, parse_args(), argv)
 
 
 if __name__ == "__main__":

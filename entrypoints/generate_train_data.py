@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,11 +29,12 @@ from models.train_data import (
     HIDDEN_PREFIX,
     ShardWriter,
     check_resume_settings,
+    finish_shards,
     finished_sample_ids,
     read_manifest,
     read_shard,
     shard_sample_ids,
-    write_manifest,
+    timed_main,
 )
 
 
@@ -139,6 +139,8 @@ def run_generate_train_data(args: argparse.Namespace) -> dict:
     streams = ["cond"] if args.no_uncond else ["cond", "uncond"]
     settings = {"model": args.model, "model_type": model_type, "prefix_len": cfg.cls_token_num,
                 "num_image_tokens": n_tokens, "hidden_size": cfg.dim, "streams": streams}
+    header = {"format": DRAFTER_FORMAT, **settings, "vocab_size": cfg.vocab_size, "dtype": "float16",
+              "model_path": str(model_path), "codes": str(args.data_path), "num_processes": ctx.world}
     check_resume_settings(out, HIDDEN_PREFIX, settings)
     done = finished_sample_ids(out, HIDDEN_PREFIX)
     todo = {i for i in selected if i not in done and ctx.owns(i)}
@@ -167,32 +169,18 @@ def run_generate_train_data(args: argparse.Namespace) -> dict:
                 tensors["hidden_uncond"] = hidden_uncond.to(torch.float16)
             writer.add(tensors)
             bar.update(len(tokens))
-    except BaseException:
-        writer.flush()  # keep every finished sample, then report the interruption
-        if ctx.is_main:
-            _merge(out, args, settings, cfg, model_path, ctx)
+    except BaseException:  # keep every finished sample, then report the interruption
+        finish_shards(ctx, writer, out, HIDDEN_PREFIX, header, interrupted=True)
         raise
-    writer.flush()
     bar.close()
-    ctx.wait()
-    if not ctx.is_main:
-        return {}
-    manifest = _merge(out, args, settings, cfg, model_path, ctx)
-    print(f"{manifest['num_samples']} samples in {out} ({len(manifest['shards'])} shards)")
+    manifest = finish_shards(ctx, writer, out, HIDDEN_PREFIX, header)
+    if ctx.is_main:
+        print(f"{manifest['num_samples']} samples in {out} ({len(manifest['shards'])} shards)")
     return manifest
 
 
-def _merge(out: Path, args: argparse.Namespace, settings: dict, cfg, model_path: Path, ctx: ProcessContext) -> dict:
-    header = {"format": DRAFTER_FORMAT, **settings, "vocab_size": cfg.vocab_size, "dtype": "float16",
-              "model_path": str(model_path), "codes": str(args.data_path), "num_processes": ctx.world}
-    return write_manifest(out, HIDDEN_PREFIX, header)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args().parse_args(argv)
-    t0 = time.perf_counter()
-    run_generate_train_data(args)
-    print(f"done in {time.perf_counter() - t0:.1f} s")
+    timed_main(run_generate_train_data, parse_args(), argv)
 
 
 if __name__ == "__main__":

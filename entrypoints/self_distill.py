@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,9 +38,10 @@ from models.train_data import (
     CODES_PREFIX,
     ShardWriter,
     check_resume_settings,
+    finish_shards,
     finished_metadata,
     finished_sample_ids,
-    write_manifest,
+    timed_main,
 )
 
 
@@ -165,6 +165,8 @@ def run_self_distill(args: argparse.Namespace) -> dict:
     settings = {"model": args.model, "model_type": cfg.model_type, "num_image_tokens": family.num_image_tokens,
                 "cfg": cfg_scale, "temperature": sampling.temperature, "top_k": sampling.top_k,
                 "top_p": sampling.top_p, "random_seed": args.random_seed}
+    header = {"format": CODES_FORMAT, **settings, "source": "self_distill", "model_path": args.model_path,
+              "prompt": args.prompt, "classes": args.classes, "num_processes": ctx.world}
     check_resume_settings(out, CODES_PREFIX, settings)
     done_prompts = finished_metadata(out, CODES_PREFIX, "prompts")
     changed = [(i, p) for i, p in plan if i in done_prompts and done_prompts[i] != p]
@@ -200,32 +202,18 @@ def run_self_distill(args: argparse.Namespace) -> dict:
             tensors["tokens"] = tokens.cpu()
             writer.add(tensors, {"prompts": prompts})
             bar.update(len(chunk))
-    except BaseException:
-        writer.flush()  # keep every finished sample, then report the interruption
-        if ctx.is_main:
-            _merge(out, args, settings, ctx)
+    except BaseException:  # keep every finished sample, then report the interruption
+        finish_shards(ctx, writer, out, CODES_PREFIX, header, interrupted=True)
         raise
-    writer.flush()
     bar.close()
-    ctx.wait()
-    if not ctx.is_main:
-        return {}
-    manifest = _merge(out, args, settings, ctx)
-    print(f"{manifest['num_samples']} samples in {out} ({len(manifest['shards'])} shards)")
+    manifest = finish_shards(ctx, writer, out, CODES_PREFIX, header)
+    if ctx.is_main:
+        print(f"{manifest['num_samples']} samples in {out} ({len(manifest['shards'])} shards)")
     return manifest
 
 
-def _merge(out: Path, args: argparse.Namespace, settings: dict, ctx: ProcessContext) -> dict:
-    header = {"format": CODES_FORMAT, **settings, "source": "self_distill", "model_path": args.model_path,
-              "prompt": args.prompt, "classes": args.classes, "num_processes": ctx.world}
-    return write_manifest(out, CODES_PREFIX, header)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args().parse_args(argv)
-    t0 = time.perf_counter()
-    run_self_distill(args)
-    print(f"done in {time.perf_counter() - t0:.1f} s")
+    timed_main(run_self_distill, parse_args(), argv)
 
 
 if __name__ == "__main__":

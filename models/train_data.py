@@ -62,19 +62,24 @@ Anole / Lumina-mGPT data paired f_t with x_t (off by one), which is not reproduc
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from models.checkpoints import save_safetensors_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from models.distributed import ProcessContext
 
 CODES_FORMAT = "lantern-codes/1"
 DRAFTER_FORMAT = "lantern-drafter-data/1"
@@ -235,6 +240,29 @@ def write_manifest(folder: str | os.PathLike, prefix: str, header: dict[str, Any
     manifest = {**header, "num_samples": total, "shards": shards}
     write_json_atomic(manifest, folder / MANIFEST)
     return manifest
+
+
+def finish_shards(ctx: ProcessContext, writer: ShardWriter, folder: str | os.PathLike, prefix: str,
+                  header: dict[str, Any], *, interrupted: bool = False) -> dict[str, Any]:
+    """End a shard-writing run: flush this rank's rows, then rebuild ``manifest.json`` on the main process.
+
+    At the normal end every process first waits for the others, so the manifest lists all their shards; returns
+    the manifest on the main process and ``{}`` elsewhere. With ``interrupted`` (called from an ``except`` block
+    before re-raising) nobody waits: every finished sample is kept and the main process records what is there.
+    """
+    writer.flush()
+    if not interrupted:
+        ctx.wait()
+    return write_manifest(folder, prefix, header) if ctx.is_main else {}
+
+
+def timed_main(run: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
+               argv: list[str] | None) -> None:
+    """The ``main`` of a data-pipeline entry point: parse ``argv``, run, and print the wall time."""
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    run(args)
+    print(f"done in {time.perf_counter() - t0:.1f} s")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -87,6 +87,20 @@ def assert_complete_and_unique(folder: Path, prefix: str, expected: set[int]) ->
     assert sum(s["num_samples"] for s in manifest["shards"]) == len(expected)
 
 
+def interrupt_on_call(monkeypatch, owner, name: str, n: int):
+    """Make ``owner.name`` raise KeyboardInterrupt (Ctrl-C) on its ``n``-th call; returns the original."""
+    original, calls = getattr(owner, name), []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(owner, name, flaky)
+    return original
+
+
 # ------------------------------------------------------------------------------------------ data folders
 
 
@@ -200,15 +214,7 @@ def test_interrupted_run_resumes_without_losing_or_duplicating_samples(tmp_path,
     # 1) a shorter run, 2) a run killed by Ctrl-C in its third batch, 3) the full run
     run([*base, "--output_dir", str(out), "--num_samples", "2"])
     assert_complete_and_unique(out, CODES_PREFIX, {0, 1})
-    original, calls = VQModel.encode_to_codes, []
-
-    def flaky(self, images):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(self, images)
-
-    monkeypatch.setattr(VQModel, "encode_to_codes", flaky)
+    original = interrupt_on_call(monkeypatch, VQModel, "encode_to_codes", 3)
     with pytest.raises(KeyboardInterrupt):
         run([*base, "--output_dir", str(out)])
     assert_complete_and_unique(out, CODES_PREFIX, set(range(6)))  # finished batches were flushed

@@ -18,6 +18,7 @@ import torch
 from test_extract_code import (
     assert_complete_and_unique,
     fixture_caption_features,
+    interrupt_on_call,
     model_args,
     read_folder,
     write_caption_cache,
@@ -165,15 +166,7 @@ def test_interrupted_run_resumes_without_losing_or_duplicating_samples(tmp_path,
 
     run(gtd_args(tmp_path, "c2i", "resumed", *base, "--num_samples", "3"))  # a smaller run: the 3 smallest ids
     assert_complete_and_unique(tmp_path / "resumed", HIDDEN_PREFIX, {100, 101, 102})
-    original, calls = generate_train_data.target_hidden_states, []
-
-    def flaky(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*a, **k)
-
-    monkeypatch.setattr(generate_train_data, "target_hidden_states", flaky)
+    original = interrupt_on_call(monkeypatch, generate_train_data, "target_hidden_states", 2)
     with pytest.raises(KeyboardInterrupt):
         run(gtd_args(tmp_path, "c2i", "resumed", *base))
     assert_complete_and_unique(tmp_path / "resumed", HIDDEN_PREFIX, {100, 101, 102, 103, 104})

@@ -7,6 +7,7 @@ import torch
 from test_extract_code import (
     assert_complete_and_unique,
     fixture_caption_features,
+    interrupt_on_call,
     model_args,
     read_folder,
     write_caption_cache,
@@ -128,15 +129,7 @@ def test_interrupted_run_resumes_to_the_same_data(tmp_path, monkeypatch):
     out = tmp_path / "resumed"
     run([*base, "--output_dir", str(out), "--num_prompts", "1"])  # a smaller run first: samples 0..2
     assert_complete_and_unique(out, CODES_PREFIX, {0, 1, 2})
-    original, calls = self_distill.generate_seeded, []
-
-    def flaky(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(*a, **k)
-
-    monkeypatch.setattr(self_distill, "generate_seeded", flaky)
+    original = interrupt_on_call(monkeypatch, self_distill, "generate_seeded", 3)
     with pytest.raises(KeyboardInterrupt):
         run([*base, "--output_dir", str(out)])
     assert_complete_and_unique(out, CODES_PREFIX, set(range(7)))  # 3 + two finished batches of 2
