@@ -39,8 +39,11 @@ def parse_args() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="demo", choices=list(MODELS), help="model family / checkpoint set")
-    g.add_argument("--model_type", default="base", choices=["base", "eagle", "vllm"], help="decoding engine")
+    g.add_argument("--model", default=None, choices=list(MODELS),
+                   help="model family / checkpoint set (default: demo; with neither --model nor --model_type the "
+                   "demo runs with --model_type eagle --lantern)")
+    g.add_argument("--model_type", default=None, choices=["base", "eagle", "vllm"],
+                   help="decoding engine (default: base, see --model)")
     g.add_argument("--model_path", default=None, help="target checkpoint (file or folder); default: the ckpts/ layout")
     g.add_argument("--vq_path", default=None, help="VQ tokenizer checkpoint; default: the ckpts/ layout")
     g.add_argument("--t5_path", default=None, help="local FLAN-T5 folder for LlamaGen T2I")
@@ -71,11 +74,18 @@ def parse_args() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("speculative decoding (--model_type eagle)")
     g.add_argument("--lantern", action="store_true", help="relaxed acceptance over latent neighbourhoods (LANTERN / LANTERN++)")
-    g.add_argument("--lantern_k", type=int, default=1000, help="neighbourhood size k")
-    g.add_argument("--lantern_delta", type=float, default=0.1,
-                   help="original shared flag: <= 1 is LANTERN's TVD budget delta, > 1 is LANTERN++'s lambda")
+    g.add_argument("--lantern_k", type=int, default=None, help="neighbourhood size k (default: the model's; original 1000)")
+    g.add_argument("--lantern_delta", type=float, default=None,
+                   help="original shared flag: <= 1 is LANTERN's TVD budget delta, > 1 is LANTERN++'s lambda "
+                   "(default: the model's; original 0.1)")
+    g.add_argument("--lantern_tvd", type=float, default=None,
+                   help="unambiguous LANTERN: TVD budget delta in [0, 1] (implies --lantern)")
+    g.add_argument("--lantern_lambda", type=float, default=None,
+                   help="unambiguous LANTERN++: ratio bound lambda >= 1 (implies --lantern)")
     g.add_argument("--static_tree", action="store_true", help="static tree of sampled drafts (EAGLE-1 style, LANTERN++)")
-    g.add_argument("--tree_choices", default="mc_sim_7b_63", help="static tree: a named choice list or a JSON list of paths")
+    g.add_argument("--tree_choices", default=None,
+                   help="static tree: a named choice list (mc_sim_7b_63, naive_extend_57, chain_<n>) or a JSON list of "
+                   "paths (default mc_sim_7b_63)")
     g.add_argument("--eagle_version", type=int, default=2, choices=[1, 2], help="1 = static tree, 2 = dynamic tree")
     g.add_argument("--cfg_mode", default="sequential", choices=["sequential", "parallel"], help="Lumina-mGPT CFG layout")
     g.add_argument("--top_k_draft", type=int, default=10, help="dynamic tree: children per expanded node")
@@ -105,8 +115,34 @@ def default_prompt(model: str) -> tuple[str, int | None]:
     return str(REPO_ROOT / "data" / "prompts" / DEFAULT_PROMPT_FILES.get(model, "sample_prompts.txt")), None
 
 
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the model-dependent defaults. The bare command (no --model, no --model_type) is the showcase:
+    the demo with ``--model_type eagle --lantern`` (LANTERN++ on a chain of drafts, see ``DEMO_SHOWCASE``);
+    otherwise the engine defaults to plain AR and relaxation stays off unless asked for."""
+    from models.registry import MODELS
+
+    bare = args.model is None and args.model_type is None
+    args.model = args.model or "demo"
+    args.model_type = args.model_type or ("eagle" if bare else "base")
+    if bare:
+        args.lantern = True
+        for key, value in MODELS[args.model].showcase.items():  # only where the user left the flag unset
+            if getattr(args, key) in (None, False):
+                setattr(args, key, value)
+    args.tree_choices = args.tree_choices or "mc_sim_7b_63"
+    if args.lantern_tvd is not None and args.lantern_lambda is not None:
+        raise UserError("give either --lantern_tvd (LANTERN) or --lantern_lambda (LANTERN++), not both")
+    if args.lantern_tvd is not None or args.lantern_lambda is not None:
+        args.lantern = True
+    k, delta = MODELS[args.model].lantern
+    args.lantern_k = k if args.lantern_k is None else args.lantern_k
+    args.lantern_delta = delta if args.lantern_delta is None else args.lantern_delta
+    return args
+
+
 def run_generate_image(args: argparse.Namespace) -> dict:
     """Generate every selected prompt; returns the statistics dict that is also written to disk."""
+    args = resolve_defaults(args)
     if args.model_type == "vllm":
         raise UserError("--model_type vllm is not supported in this version (it needs the patched vLLM 0.6.3 of the "
                         "original); use base or eagle")

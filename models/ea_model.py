@@ -288,7 +288,12 @@ def build_speculative_decoder(family, args, sampling: SamplingConfig, cfg_scale:
     target = family.target
     param = target.lm_head.weight
     drafter = load_drafter(resolve_path(spec, "drafter", args.drafter_path), param.device, param.dtype, target.config)
-    accept = AcceptConfig.from_original_flags(args.lantern, args.lantern_k, args.lantern_delta)
+    if getattr(args, "lantern_tvd", None) is not None:
+        accept = AcceptConfig(relax="lantern", k=args.lantern_k, delta=args.lantern_tvd)
+    elif getattr(args, "lantern_lambda", None) is not None:
+        accept = AcceptConfig(relax="lantern++", k=args.lantern_k, lam=args.lantern_lambda)
+    else:
+        accept = AcceptConfig.from_original_flags(args.lantern, args.lantern_k, args.lantern_delta)
     neighbours = None
     if accept.enabled:
         neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.k).to(param.device)

@@ -26,11 +26,19 @@ class ModelSpec:
     paths: dict[str, str] = field(default_factory=dict)  # model / vq / t5 / drafter / codebook
     implemented: bool = True
     image_size: int | None = None
+    lantern: tuple[int, float] = (1000, 0.1)  # default (lantern_k, lantern_delta), the original's
+    showcase: dict = field(default_factory=dict)  # generate_images flags of the bare command (demo only)
 
     def default_path(self, key: str) -> Path | None:
         p = self.paths.get(key)
         return None if p is None else REPO_ROOT / p
 
+
+# The demo's LANTERN defaults (k, delta) and the bare command's setting (LANTERN++ on a chain of 6 drafts,
+# lambda 20), chosen from `python main.py benchmark` on the demo (see the README): the fastest setting whose
+# samples the classifier still recognises as well as plain AR's.
+DEMO_LANTERN = (20, 0.2)
+DEMO_SHOWCASE = {"static_tree": True, "tree_choices": "chain_6", "lantern_k": 20, "lantern_delta": 20.0}
 
 MODELS: dict[str, ModelSpec] = {
     s.name: s
@@ -40,6 +48,8 @@ MODELS: dict[str, ModelSpec] = {
             SamplerDefaults(cfg=4.0, temperature=1.0, top_k=0, top_p=1.0),
             {"model": "ckpts/demo/gpt", "vq": "ckpts/demo/vq", "drafter": "ckpts/demo/drafter",
              "codebook": "ckpts/demo/neighbours.safetensors"},
+            lantern=DEMO_LANTERN,
+            showcase=DEMO_SHOWCASE,
         ),
         ModelSpec(
             "llamagen", "llamagen", "LlamaGen T2I Stage I (XL, 256 px, 16x16 tokens, FLAN-T5-XL)",
