@@ -244,8 +244,10 @@ def _print_summary(stats: dict, items: list[tuple[int, str]]) -> None:
     tau = np.mean([r["step_compression"] for r in rows])
     print(f"{len(rows)} images | mean latency {lat:.3f} s | {tps:.1f} tokens/s | mean step compression (tau) {tau:.2f}")
     if "acceptance_by_depth" in rows[0]:
-        depth_rates = np.nanmean(np.array([r["acceptance_by_depth"] for r in rows], dtype=float), axis=0)
-        print("acceptance rate by depth: " + ", ".join(f"d{d + 1} {r:.2f}" for d, r in enumerate(depth_rates)))
+        width = max(len(r["acceptance_by_depth"]) for r in rows)
+        cols = [[r["acceptance_by_depth"][d] for r in rows if d < len(r["acceptance_by_depth"])] for d in range(width)]
+        rates = [np.mean([v for v in c if v == v]) if any(v == v for v in c) else float("nan") for c in cols]
+        print("acceptance rate by depth: " + ", ".join(f"d{d + 1} {r:.2f}" for d, r in enumerate(rates)))
 
 
 def main(argv: list[str] | None = None) -> None:
