@@ -79,13 +79,15 @@ def generate_ar(
     generator: torch.Generator | None = None,
     allowed_tokens: torch.Tensor | None = None,
     uniforms: torch.Tensor | None = None,
+    on_step=None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """Sample ``num_tokens`` image tokens for every prompt of the prefix -> (B, num_tokens), stats.
 
     One target forward per token after the prefill; the unconditional rows receive the same tokens as the
     conditional ones. ``allowed_tokens`` (V,) bool restricts sampling to a family's image vocabulary.
     ``uniforms`` (B, num_tokens) replaces ``generator`` by one random stream per sample (inverse-CDF draws), so
-    a sample's tokens do not depend on the batch it runs in.
+    a sample's tokens do not depend on the batch it runs in. ``on_step(i, logits, tokens)`` sees the CFG-combined
+    logits (B, V) and the chosen tokens of every step (for measurements such as next-token entropy).
     """
     start = time.perf_counter()
     rows, t = prefix.rows, prefix.length
@@ -102,6 +104,8 @@ def generate_ar(
             combined = combined.masked_fill(~allowed_tokens, float("-inf"))
         token = sample_token(combined, sampling, generator, None if uniforms is None else uniforms[:, i].to(combined.device))
         out[:, i] = token
+        if on_step is not None:
+            on_step(i, combined, token)
         if i == num_tokens - 1:
             break
         pos = torch.tensor([t + i], device=hidden.device)
