@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import torch
 from conftest import conformance_dir, load_io, manifest_entries, read_json
