@@ -38,3 +38,17 @@ def read_json(path: Path) -> dict:
 
 def manifest_entries(path: Path) -> list[tuple[str, tuple[int, ...]]]:
     return [(e["name"], tuple(e["shape"])) for e in read_json(path)["entries"]]
+
+
+def write_checkpoints(folder: Path, kind: str) -> dict[str, torch.Tensor]:
+    """Fixture GPT (``{kind}.pt``) and VQ (``vq.pt``) in LlamaGen's .pt format (weights under ``model``) with
+    sidecar JSON sizes (they are not LlamaGen's named sizes); returns the GPT fixture's io tensors.
+
+    GPT: 4x4 tokens, vocab 64; VQ: downsample 2, so images are 8 px.
+    """
+    g, v = conformance_dir("llamagen_gpt"), conformance_dir("llamagen_vq")
+    torch.save({"model": load_io(g / f"weights_{kind}.safetensors")}, folder / f"{kind}.pt")
+    (folder / f"{kind}.json").write_text(json.dumps(read_json(g / f"config_{kind}.json")["ModelArgs"]))
+    torch.save({"model": load_io(v / "weights.safetensors")}, folder / "vq.pt")
+    (folder / "vq.json").write_text(json.dumps(read_json(v / "config.json")))
+    return load_io(g / f"io_{kind}.safetensors")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import conformance_dir, load_io, read_json
+from conftest import write_checkpoints
 
 import main as cli
 from models.base_models.llamagen.t5 import save_text_cache
@@ -55,16 +55,6 @@ def test_missing_checkpoint_names_file_and_layout(tmp_path, capsys):
     assert "vq_ds16_c2i.pt" in err and "Expected" in err and "Traceback" not in err
 
 
-def _write_original_checkpoints(tmp_path, kind: str):
-    """GPT and VQ in LlamaGen's .pt format (weights under 'model'); sizes in sidecar JSON (not named sizes)."""
-    g, v = conformance_dir("llamagen_gpt"), conformance_dir("llamagen_vq")
-    torch.save({"model": load_io(g / f"weights_{kind}.safetensors")}, tmp_path / f"{kind}.pt")
-    (tmp_path / f"{kind}.json").write_text(json.dumps(read_json(g / f"config_{kind}.json")["ModelArgs"]))
-    torch.save({"model": load_io(v / "weights.safetensors")}, tmp_path / "vq.pt")
-    (tmp_path / "vq.json").write_text(json.dumps(read_json(v / "config.json")))
-    return load_io(g / f"io_{kind}.safetensors")
-
-
 def _run_greedy(tmp_path, model: str, kind: str, prompts: list[str], extra: list[str]) -> list[np.ndarray]:
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     out = tmp_path / "out"
@@ -82,13 +72,13 @@ def _run_greedy(tmp_path, model: str, kind: str, prompts: list[str], extra: list
 
 
 def test_greedy_cli_reproduces_c2i_fixture(tmp_path):
-    io = _write_original_checkpoints(tmp_path, "c2i")
+    io = write_checkpoints(tmp_path, "c2i")
     tokens = _run_greedy(tmp_path, "llamagen_c2i", "c2i", [str(int(c)) for c in io["gen_cond"]], [])
     assert np.array_equal(np.stack(tokens), io["gen_tokens"].numpy())
 
 
 def test_greedy_cli_reproduces_t2i_fixture(tmp_path):
-    io = _write_original_checkpoints(tmp_path, "t2i")
+    io = write_checkpoints(tmp_path, "t2i")
     # T5 features as T5 returns them (right-padded), cached by prompt so no 3B encoder is needed
     masks = io["emb_masks"].flip(-1)
     n_valid = io["emb_masks"].sum(1).long()
@@ -102,7 +92,7 @@ def test_greedy_cli_reproduces_t2i_fixture(tmp_path):
 
 
 def test_generation_resumes_without_redoing_images(tmp_path, capsys):
-    io = _write_original_checkpoints(tmp_path, "c2i")
+    io = write_checkpoints(tmp_path, "c2i")
     prompts = [str(int(c)) for c in io["gen_cond"]]
     _run_greedy(tmp_path, "llamagen_c2i", "c2i", prompts, [])
     first = (tmp_path / "out" / "prompt_0.png").stat().st_mtime_ns

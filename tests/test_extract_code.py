@@ -6,13 +6,12 @@ reading a shard folder back) are shared with test_self_distill.py and test_gener
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import conformance_dir, load_io, read_json
+from conftest import write_checkpoints
 from PIL import Image
 
 from entrypoints import extract_code
@@ -22,19 +21,6 @@ from models.base_models.llamagen.vq_model import VQModel
 from models.train_data import CODES_FORMAT, CODES_PREFIX, list_shard_files, read_manifest, read_shard
 
 # ------------------------------------------------------------------------------------------ shared helpers
-
-
-def write_checkpoints(folder: Path, kind: str) -> dict[str, torch.Tensor]:
-    """Tiny GPT (``{kind}.pt``) and VQ (``vq.pt``) in LlamaGen's .pt format with sidecar sizes; returns the GPT io.
-
-    GPT: 4x4 tokens, vocab 64; VQ: downsample 2, so images are 8 px.
-    """
-    g, v = conformance_dir("llamagen_gpt"), conformance_dir("llamagen_vq")
-    torch.save({"model": load_io(g / f"weights_{kind}.safetensors")}, folder / f"{kind}.pt")
-    (folder / f"{kind}.json").write_text(json.dumps(read_json(g / f"config_{kind}.json")["ModelArgs"]))
-    torch.save({"model": load_io(v / "weights.safetensors")}, folder / "vq.pt")
-    (folder / "vq.json").write_text(json.dumps(read_json(v / "config.json")))
-    return load_io(g / f"io_{kind}.safetensors")
 
 
 def model_args(folder: Path, kind: str) -> list[str]:

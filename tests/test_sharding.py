@@ -10,8 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from conftest import REPO_ROOT, conformance_dir, load_io, read_json
+from conftest import REPO_ROOT, write_checkpoints
 
 
 def _free_port() -> int:
@@ -22,11 +21,7 @@ def _free_port() -> int:
 
 def test_two_process_generation_matches_single_process(tmp_path):
     pytest.importorskip("accelerate")
-    g, v = conformance_dir("llamagen_gpt"), conformance_dir("llamagen_vq")
-    torch.save({"model": load_io(g / "weights_c2i.safetensors")}, tmp_path / "c2i.pt")
-    (tmp_path / "c2i.json").write_text(json.dumps(read_json(g / "config_c2i.json")["ModelArgs"]))
-    torch.save({"model": load_io(v / "weights.safetensors")}, tmp_path / "vq.pt")
-    (tmp_path / "vq.json").write_text(json.dumps(read_json(v / "config.json")))
+    write_checkpoints(tmp_path, "c2i")
     (tmp_path / "p.txt").write_text("\n".join(str(i % 10) for i in range(7)) + "\n")
     common = ["main.py", "generate_images", "--model", "llamagen_c2i", "--model_path", str(tmp_path / "c2i.pt"),
               "--vq_path", str(tmp_path / "vq.pt"), "--image_size", "8", "--prompt", str(tmp_path / "p.txt"),
