@@ -143,7 +143,7 @@ def original_clip_input(img: Image.Image, eval_res: int | None = EVAL_RES) -> Im
     The round trip truncates ((x + 1) · 127.5 cast to uint8), which can move a pixel down by one level; we keep
     it so that scores match the original's exactly.
     """
-    x = torch.from_numpy(np.asarray(original_eval_resize(img, eval_res))).permute(2, 0, 1).float().div(255)
+    x = torch.from_numpy(np.array(original_eval_resize(img, eval_res))).permute(2, 0, 1).float().div(255)
     x = (x - 0.5) / 0.5
     arr = ((x + 1.0) * 127.5).clamp(0.0, 255.0).to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(arr)

@@ -186,7 +186,7 @@ class FIDInception(nn.Module):
     @staticmethod
     def preprocess(img: Image.Image, eval_res: int | None = EVAL_RES) -> torch.Tensor:
         """PIL image -> [3, 299, 299] float in [0, 255], as the original's clean-fid call."""
-        arr = clean_resize(np.asarray(original_eval_resize(img, eval_res)), FIDInception.size)
+        arr = clean_resize(np.array(original_eval_resize(img, eval_res)), FIDInception.size)
         return torch.from_numpy(arr).permute(2, 0, 1)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

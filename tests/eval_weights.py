@@ -67,8 +67,7 @@ def tiny_clip_config(kind: str = "ViT-B-32-quickgelu", width: int = 32, layers: 
     cfg = json.loads(json.dumps(open_clip.get_model_config(kind)))
     v, t = cfg["vision_cfg"], cfg["text_cfg"]
     v.update(layers=layers, width=width, image_size=32, patch_size=16 if "B-32" in kind else 14)
-    if "head_width" in v:
-        v["head_width"] = width // 2
+    v["head_width"] = width // 2  # 2 heads
     t.update(layers=layers, width=width, heads=2)
     cfg["embed_dim"] = 16
     return cfg
