@@ -169,6 +169,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             images = family.decode_images(tokens) * 2 - 1
             pred = classifier.classify(images).cpu()
             row["accuracy"] = float((pred == labels).float().mean())
+            from models.evaluation import demo_quality  # + demo-FID, precision / recall vs the bundled digits
+
+            row.update(demo_quality(classifier, images, labels))
         if depth_acc:
             width = max(len(a) for a in depth_acc)
             cols = [[a[j] for a in depth_acc if j < len(a) and a[j] == a[j]] for j in range(width)]
@@ -188,6 +191,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     (out / "benchmark.json").write_text(json.dumps(report, indent=2))
     table = _markdown(results)
     (out / "benchmark.md").write_text(table + "\n")
+    from models.plots import write_csv, write_plots
+
+    write_csv(results, out)
+    write_plots(results, out, title=f"{args.model}, {len(prompts)} images per setting")
     print(table)
     return report
 
