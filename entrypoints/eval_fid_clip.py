@@ -81,11 +81,7 @@ def run_eval_fid_clip(args: argparse.Namespace) -> dict:
         extractor = ev.load_demo_features(args.classifier_path, device)
     else:
         ev.require_file(ev.INCEPTION_WEIGHTS, args.inception_path)
-        clip_path = None
-        if captions is not None:
-            clip_path = Path(args.clip_path) if args.clip_path else ce.CLIP_WEIGHTS.default
-            if not clip_path.is_dir():
-                ev.require_file(ce.CLIP_WEIGHTS, clip_path)
+        clip_path = ce.check_clip_path(args.clip_path) if captions is not None else None
         extractor = ev.load_inception(args.inception_path, device)
     eval_res = args.eval_res or None
 

@@ -74,21 +74,27 @@ def build_open_clip(model: str, device: torch.device | str = "cpu") -> nn.Module
 def read_open_clip_state(path: Path, flag: str) -> dict[str, torch.Tensor]:
     """An open_clip / OpenAI CLIP state dict from a file: safetensors, a (safe) torch pickle, or OpenAI's
     TorchScript archive; unwraps ``{"state_dict": ...}`` (HPS checkpoints) and a ``module.`` prefix."""
+    import warnings
+
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = load_file(str(path))
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - OpenAI's ViT-B-32.pt is a TorchScript archive, not a pickle
+        with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI's weights ship as TorchScript
+            warnings.simplefilter("ignore")
             try:
-                state = torch.jit.load(str(path), map_location="cpu").state_dict()
-            except Exception as e:  # noqa: BLE001
-                raise ValueError(f"{flag} {path}: neither a state dict nor a TorchScript CLIP archive "
-                                 f"({type(e).__name__})") from e
-            for key in ("input_resolution", "context_length", "vocab_size"):
-                state.pop(key, None)
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:  # noqa: BLE001 - not a safe pickle: try a TorchScript archive before giving up
+                try:
+                    state = torch.jit.load(str(path), map_location="cpu")
+                except Exception as e:  # noqa: BLE001
+                    raise ValueError(f"{flag} {path}: neither a state dict nor a TorchScript CLIP archive "
+                                     f"({type(e).__name__})") from e
+        if isinstance(state, torch.jit.ScriptModule):
+            state = dict(state.state_dict())
+            for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
+                state.pop(key, None)  # archive attributes, not weights (the causal mask is rebuilt)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -193,13 +199,23 @@ def _embeds(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def load_clip_scorer(path: str | Path | None, device: torch.device, model: str = CLIP_MODEL) -> ClipScorer:
-    """CLIP from ``--clip_path``: a weights file (open_clip architecture ``model``) or a local HF CLIPModel folder."""
+def check_clip_path(path: str | Path | None) -> Path:
+    """``--clip_path`` (default ``ckpts/eval/ViT-B-32.pt``) if it is a weights file or a HF CLIP folder with a
+    config; otherwise a one-line FileNotFoundError naming the flag and the expected file."""
     p = Path(path) if path is not None else CLIP_WEIGHTS.default
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"--clip_path {p}: a Hugging Face CLIP folder needs config.json, the weights and "
-                                    "the tokenizer files (as saved by CLIPModel / CLIPTokenizer.save_pretrained)")
+                                    "the tokenizer files (as saved by CLIPModel / CLIPTokenizer.save_pretrained); "
+                                    "weights are never downloaded")
+        return p
+    return require_file(CLIP_WEIGHTS, p)
+
+
+def load_clip_scorer(path: str | Path | None, device: torch.device, model: str = CLIP_MODEL) -> ClipScorer:
+    """CLIP from ``--clip_path``: a weights file (open_clip architecture ``model``) or a local HF CLIPModel folder."""
+    p = check_clip_path(path)
+    if p.is_dir():
         from transformers import AutoTokenizer, CLIPModel
 
         net = CLIPModel.from_pretrained(p, local_files_only=True).eval().to(device)
@@ -209,7 +225,6 @@ def load_clip_scorer(path: str | Path | None, device: torch.device, model: str =
             pre = json.loads((p / "preprocessor_config.json").read_text())
             mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
         return ClipScorer("hf", net, net.config.vision_config.image_size, tokenizer, mean, std)
-    p = require_file(CLIP_WEIGHTS, p)
     net = load_open_clip(p, model, CLIP_WEIGHTS.flag, device)
     return ClipScorer("open_clip", net, _image_size(net))
 
