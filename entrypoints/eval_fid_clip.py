@@ -76,6 +76,14 @@ def run_eval_fid_clip(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     fake_paths = ev.list_images(args.fake_dir, args.how_many)
     captions = ev.load_captions(args.caption_path, fake_paths) if args.caption_path else None
+    meta = {"feature_extractor": args.feature_extractor, "eval_res": args.eval_res}
+    ref_paths = ref_stats = None
+    if ref.suffix == ".npz":
+        if not ref.is_file():
+            raise FileNotFoundError(f"--ref_dir {ref}: reference statistics file not found")
+        ref_stats = ev.load_reference_stats(ref, expect=meta)
+    elif args.ref_dir != DIGITS:
+        ref_paths = ev.list_images(ref)
     # Every weight file is checked before any feature extraction starts.
     if demo:
         extractor = ev.load_demo_features(args.classifier_path, device)
@@ -85,21 +93,15 @@ def run_eval_fid_clip(args: argparse.Namespace) -> dict:
         extractor = ev.load_inception(args.inception_path, device)
     eval_res = args.eval_res or None
 
-    ref_feats = None
-    if args.ref_dir == DIGITS:
+    if ref_stats is not None:
+        mu_ref, sigma_ref, ref_feats = ref_stats
+    elif ref_paths is None:
         ref_feats = ev.digit_reference_features(extractor)
-        num_ref = len(ref_feats)
-    elif ref.suffix == ".npz":
-        if not ref.is_file():
-            raise FileNotFoundError(f"--ref_dir {ref}: reference statistics file not found")
-        mu_ref, sigma_ref, ref_feats = ev.load_reference_stats(ref)
-        num_ref = None if ref_feats is None else len(ref_feats)
     else:
-        ref_paths = ev.list_images(ref)
         ref_feats = ev.extract_features(extractor, ref_paths, args.batch_size, device, eval_res)[extractor.primary]
-        num_ref = len(ref_paths)
+    num_ref = None if ref_feats is None else len(ref_feats)
     if args.save_ref_stats and ref_feats is not None:
-        ev.save_reference_stats(args.save_ref_stats, ref_feats)
+        ev.save_reference_stats(args.save_ref_stats, ref_feats, meta)
 
     fake = ev.extract_features(extractor, fake_paths, args.batch_size, device, eval_res)
     fake_feats = fake[extractor.primary]

@@ -402,22 +402,34 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     return out["inception_score_mean"], out["inception_score_std"]
 
 
-def save_reference_stats(path: str | Path, features: np.ndarray) -> None:
-    """Write ``mu``, ``sigma`` (and the features, float32, for KID) to ``path`` (.npz), atomically."""
+def save_reference_stats(path: str | Path, features: np.ndarray, meta: dict | None = None) -> None:
+    """Write ``mu``, ``sigma``, the features (float32, for KID) and how they were made (``meta``: extractor,
+    eval_res, as JSON) to ``path`` (.npz), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mu, sigma = feature_statistics(features)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, features=features.astype(np.float32))
+    np.savez(tmp, mu=mu, sigma=sigma, features=features.astype(np.float32), meta=np.array(json.dumps(meta or {})))
     tmp.replace(path)
 
 
-def load_reference_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(mu, sigma, features or None) from a reference .npz (``mu``/``sigma`` as pytorch-fid and clean-fid write)."""
+def load_reference_stats(path: str | Path, expect: dict | None = None
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(mu, sigma, features or None) from a reference .npz (``mu``/``sigma`` as pytorch-fid and clean-fid write).
+
+    If the file records how it was made and that differs from ``expect`` (another feature extractor or
+    ``--eval_res``), it is an error: such statistics would give a meaningless FID.
+    """
     with np.load(path) as stats:
         if "mu" not in stats or "sigma" not in stats:
             raise ValueError(f"--ref_dir {path}: a reference .npz needs arrays 'mu' and 'sigma', has {list(stats)}")
-        return stats["mu"], stats["sigma"], stats["features"].astype(np.float64) if "features" in stats else None
+        meta = json.loads(str(stats["meta"])) if "meta" in stats else {}
+        for key, want in (expect or {}).items():
+            if key in meta and meta[key] != want:
+                raise ValueError(f"--ref_dir {path}: made with {key} {meta[key]}, but this run uses {want}; "
+                                 "recompute it with --save_ref_stats")
+        feats = stats["features"].astype(np.float64) if "features" in stats else None
+        return stats["mu"], stats["sigma"], feats
 
 
 # ---------------------------------------------------------------------------------------- precision / recall

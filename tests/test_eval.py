@@ -251,6 +251,9 @@ def test_eval_fid_clip_with_the_fid_inception_layout(inception_file, tmp_path, c
         assert z["mu"].shape == (2048,) and z["sigma"].shape == (2048, 2048)
     cli.main(args + ["--ref_dir", str(tmp_path / "ref.npz"), "--output", str(tmp_path / "npz.json")])
     assert json.loads((tmp_path / "npz.json").read_text())["fid"] == pytest.approx(self_fid["fid"], abs=1e-6)
+    with pytest.raises(SystemExit):  # statistics made at another --eval_res are refused, not silently compared
+        cli.main(args + ["--ref_dir", str(tmp_path / "ref.npz"), "--eval_res", "128"])
+    assert "eval_res 256" in capsys.readouterr().err
 
 
 def test_eval_fid_clip_demo_features_against_the_bundled_digits(tmp_path):
