@@ -221,3 +221,21 @@ def test_missing_hps_file_exits_2_naming_flag_and_file(tmp_path, capsys):
                   "--hps_path", str(tmp_path / "nope" / "HPS_v2.1_compressed.pt")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--hps_path" in err and "HPS_v2.1_compressed.pt" in err and "downloaded" in err
+
+
+def test_nothing_is_downloaded_without_hf_hub_offline(clip_setup, monkeypatch):
+    """With HF_HUB_OFFLINE unset and every network connection refused, both CLIP backends load and score."""
+    import socket
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    paths = ev.list_images(clip_setup["images"])
+    for source, model in ((clip_setup["hf"], ce.CLIP_MODEL), (clip_setup["weights"], str(clip_setup["cfg"]))):
+        scorer = ce.load_clip_scorer(source, CPU, model)
+        assert np.isfinite(ce.clip_score(scorer, paths, CAPTIONS))
