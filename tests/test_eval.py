@@ -311,6 +311,17 @@ def test_vgg16_preprocessing_is_the_originals_bilinear_224_squash():
     torch.testing.assert_close(x, torch.from_numpy(expected).permute(2, 0, 1))
 
 
+def test_vgg16_layout_is_checked_key_by_key(tmp_path):
+    from torchvision.models import vgg16
+
+    with torch.device("meta"):
+        layout = vgg16(weights=None).state_dict()
+    ev.check_state_dict(layout, dict(layout), "--vgg_path", tmp_path, "vgg16")  # the real names and shapes pass
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="--vgg_path.*not a torchvision vgg16.*missing"):
+        ev.load_vgg16(tmp_path / "partial.pth", CPU)
+
+
 @pytest.mark.parametrize("task, flag, filename", [
     ("eval_fid_clip", "--inception_path", "weights-inception-2015-12-05-6726825d.pth"),
     ("eval_prec_recall", "--vgg_path", "vgg16-397923af.pth"),
