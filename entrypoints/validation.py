@@ -109,3 +109,41 @@ def parse_number(text: str, kind: type, what: str) -> float | int:
         return kind(text)
     except ValueError:
         raise UserError(f"{what}: {text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+COUNT_FLAGS = {"batch_size": 1, "shard_size": 1, "num_samples": 1, "num_prompts": 1, "samples_per_prompt": 1,
+               "samples_per_class": 1, "num_workers": 0, "image_size": 1, "chunk_size": 1, "top_k": 0}
+
+
+def validate_common_args(args: argparse.Namespace) -> None:
+    """The flags the data-pipeline tasks share (counts, sampling, seeds, the output folder), then --threads.
+
+    Each check runs only for the flags the task has, so one call fits extract_code, self_distill and
+    generate_train_data."""
+    from entrypoints.common import apply_threads
+    from entrypoints.outputs import check_output_dir
+
+    check_counts(args, COUNT_FLAGS)
+    validate_sampling_args(args)
+    if getattr(args, "shuffle_seed", None) is not None:
+        check_seed("--shuffle_seed", args.shuffle_seed)
+    if getattr(args, "output_dir", None):
+        check_output_dir(args.output_dir)
+    apply_threads(getattr(args, "threads", None))
+
+
+def validate_train_args(args: argparse.Namespace) -> None:
+    """Every number ``train_drafter`` reads (learning rate, sizes, fractions, noise, seeds)."""
+    check_number("--lr", args.lr, lo=0, lo_open=True)
+    check_counts(args, {"bs": 1, "gradient_accumulation_steps": 1, "num_epochs": 1, "max_steps": 1, "warmup_steps": 0,
+                        "log_every": 1, "eval_freq": 1, "save_every": 1, "stop_after_steps": 1, "num_workers": 0})
+    check_number("--warmup_steps_ratio", args.warmup_steps_ratio, lo=0, hi=1)
+    check_number("--weight_decay", args.weight_decay, lo=0)
+    check_number("--grad_clip", args.grad_clip, lo=0, hint="0 = off")
+    check_number("--p_w", args.p_w, lo=0)
+    check_number("--uncond_prob", args.uncond_prob, lo=0, hi=1)
+    check_number("--noise_std", args.noise_std, lo=0)
+    check_number("--mean", args.mean)
+    check_number("--eval_fraction", args.eval_fraction, lo=0, hi=1, hi_open=True)
+    check_number("--train_data_ratio", args.train_data_ratio, lo=0, hi=1, lo_open=True)
+    check_seed("--seed", args.seed)

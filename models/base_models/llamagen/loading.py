@@ -20,7 +20,6 @@ from models.base_models.llamagen.vq_model import VQConfig, VQModel
 from models.checkpoints import (
     CheckpointError,
     check_shapes_before_allocating,
-    check_state_dict,
     load_folder_weights,
     load_weight_file,
     read_json,
