@@ -189,7 +189,7 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
         print(f"error: {e}{hint}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        message = str(e) or "finished outputs are kept, rerun the same command to resume"
+        message = str(e) or "finished outputs are kept; rerun the same command (without --overwrite) to resume"
         print(f"interrupted; {message}", file=sys.stderr)
         sys.exit(130)
 

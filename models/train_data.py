@@ -196,6 +196,9 @@ class ShardWriter:
         self.folder, self.prefix, self.rank, self.shard_size = Path(folder), prefix, rank, shard_size
         self.settings = settings
         self.folder.mkdir(parents=True, exist_ok=True)
+        from entrypoints.outputs import OutputLock  # a second writer of this rank's shards stops, naming the first
+
+        self.lock = OutputLock(self.folder, f"{prefix}.rank{rank}").acquire()
         for stale in self.folder.glob(f"{prefix}_r{rank}_*.safetensors.tmp*"):  # left by a killed run
             pid = stale.name.rpartition(".tmp")[2]
             if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):

@@ -309,16 +309,17 @@ RUN_FILES = ("latest", "metrics.jsonl", "train_args.json")
 
 
 def existing_run(save_dir: Path) -> list[str]:
-    """What in ``save_dir`` belongs to an earlier run (states, metrics, the ``latest`` marker)."""
+    """The checkpoints of an earlier run in ``save_dir`` (``latest`` and ``state_*``); metrics without a
+    checkpoint (a run stopped before its first save) belong to no run and are replaced by a new one."""
     if not save_dir.is_dir():
         return []
-    found = [n for n in RUN_FILES if (save_dir / n).exists()]
+    found = ["latest"] if (save_dir / "latest").exists() else []
     return found + sorted(d.name for d in save_dir.glob("state_*") if d.is_dir())
 
 
 def clear_run(save_dir: Path) -> None:
     """--overwrite: remove an earlier run's states and metrics (nothing else in the folder)."""
-    for name in existing_run(save_dir):
+    for name in [*existing_run(save_dir), *(n for n in RUN_FILES[1:] if (save_dir / n).exists())]:
         target = save_dir / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     for extra in [*save_dir.glob(".tmp_state_*"), *save_dir.glob(".old_state_*"), save_dir / "rank_weights"]:
@@ -557,7 +558,7 @@ def train(args: argparse.Namespace) -> dict:
         save_dir.mkdir(parents=True, exist_ok=True)
         if state is not None:
             truncate_metrics(metrics_path, state.get("metrics_records"), step)
-        elif metrics_path.exists():  # --resume found no state: the earlier records belong to no checkpoint
+        elif metrics_path.exists():  # a new run: earlier records (a run stopped before any checkpoint) are stale
             metrics_path.unlink()
         metrics_records = len(metrics_path.read_text().splitlines()) if metrics_path.exists() else 0
         _write_text_atomic(save_dir / "train_args.json", json.dumps(vars(args), indent=2, default=str))
