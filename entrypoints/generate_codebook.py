@@ -132,7 +132,11 @@ def table_from_dense(path: Path, args: argparse.Namespace) -> tuple[torch.Tensor
     if not path.is_file():
         raise UserError(f"--from_dense {path}: file not found (expected the original's top_{{N-1}}_indices.npy)")
     if path.suffix == ".npy":
-        shape = np.load(path, mmap_mode="r").shape  # header only: the dense LlamaGen table is 512 MB
+        try:
+            shape = np.load(path, mmap_mode="r").shape  # header only: the dense LlamaGen table is 512 MB
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"--from_dense {path}: not a readable .npy array ({e}); expected the original's "
+                            f"top_{{N-1}}_indices.npy") from None
     else:
         shape = tuple(load_neighbour_table(path).shape)
     if len(shape) != 2 or shape[0] < 2:

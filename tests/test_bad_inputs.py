@@ -445,3 +445,10 @@ def test_threads_flag_and_default(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert np.all([1 <= default_cpu_threads() <= 4])
+
+
+def test_generate_codebook_names_a_corrupt_dense_table(tmp_path, capsys):
+    bad = tmp_path / "top_1023_indices.npy"
+    bad.write_bytes(b"\x93NUMPY garbage")
+    fails(capsys, ["generate_codebook", "--from_dense", str(bad), "--save_path", str(tmp_path / "nb.safetensors")],
+          str(bad), untouched=tmp_path)
