@@ -40,8 +40,8 @@ def add_device_args(parser: argparse.ArgumentParser, precision_default: str | No
 def default_cpu_threads() -> int:
     """Intra-op threads when neither --threads nor $OMP_NUM_THREADS says otherwise: half the usable cores, at
     least 1, at most 4. Measured on the demo on 2 cores (README, "CPU threads"): 2 threads gain at most 9 % over
-    1 on an idle core, while torch's default (one thread per core) slowed one image 11x when other processes
-    shared the cores; half leaves room for them."""
+    1 when a core is free, and are 10-16x slower than 1 when other processes share the cores (torch's default
+    is one thread per core); half leaves room for them."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

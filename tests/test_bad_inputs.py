@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -444,7 +443,7 @@ def test_threads_flag_and_default(monkeypatch):
         assert apply_threads(None) == default_cpu_threads() >= 1
     finally:
         torch.set_num_threads(before)
-    assert np.all([1 <= default_cpu_threads() <= 4])
+    assert 1 <= default_cpu_threads() <= 4
 
 
 def test_generate_codebook_names_a_corrupt_dense_table(tmp_path, capsys):
@@ -452,3 +451,19 @@ def test_generate_codebook_names_a_corrupt_dense_table(tmp_path, capsys):
     bad.write_bytes(b"\x93NUMPY garbage")
     fails(capsys, ["generate_codebook", "--from_dense", str(bad), "--save_path", str(tmp_path / "nb.safetensors")],
           str(bad), untouched=tmp_path)
+
+
+def test_two_trainings_into_one_save_dir(train_setup, tmp_path, capsys):
+    import socket
+
+    save = tmp_path / "run"
+    save.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (save / ".train_drafter.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                                               "command": "train_drafter"}))
+        fails(capsys, train_argv(train_setup, save, "--max_steps", "2"), "being written by another process")
+        assert not (save / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()

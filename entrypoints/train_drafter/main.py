@@ -553,6 +553,9 @@ def train(args: argparse.Namespace) -> dict:
     metrics_path = save_dir / "metrics.jsonl"
     metrics_records = 0  # lines in metrics.jsonl: stored with each checkpoint so a resume can drop later ones
     if main_proc:
+        from entrypoints.outputs import OutputLock
+
+        lock = OutputLock(save_dir, "train_drafter").acquire()  # a second run into this folder stops, naming us
         if args.overwrite:
             clear_run(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -701,6 +704,8 @@ def train(args: argparse.Namespace) -> dict:
         accelerator.print(f"done: step {step}; drafter in {last_dir} (generate_images --model_type eagle "
                           f"--drafter_path {last_dir})")
     accelerator.end_training()
+    if main_proc:
+        lock.release()
     return {"step": step, "epoch": epoch + 1, "state_dir": last_dir, "eval": last_eval,
             "num_processes": accelerator.num_processes}
 
