@@ -274,7 +274,7 @@ def run_verify_cost(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args().parse_args(argv)
     validate_sampling_args(args)
-    check_counts(args, {"num_images": 1, "lantern_k": 1})
+    check_counts(args, {"num_images": 1, "lantern_k": 1, "batch_size": 1})
     check_output_dir(args.output_dir)
     apply_threads(args.threads)
     for s in args.settings:  # fail fast on a typo

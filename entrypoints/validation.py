@@ -82,7 +82,7 @@ def validate_generate_args(args: argparse.Namespace) -> None:
     """Everything ``generate_images`` reads, after :func:`resolve_defaults` filled the model's defaults."""
     validate_sampling_args(args)
     validate_tree_args(args)
-    check_counts(args, {"num_images": 1, "image_size": 1})
+    check_counts(args, {"num_images": 1, "image_size": 1, "batch_size": 1})  # batch_size: where the task has it
     validate_lantern(args.lantern_k, args.lantern_delta, args.lantern_tvd, args.lantern_lambda)
     if args.lantern and args.model_type == "base":
         raise UserError("--lantern (relaxed acceptance) needs speculative decoding: add --model_type eagle")
