@@ -27,7 +27,7 @@ from entrypoints.common import (
     resolve_dtype,
     run_cli,
 )
-from entrypoints.outputs import OutputLock, check_output_dir, check_same_settings
+from entrypoints.outputs import OutputLock, check_output_dir, check_same_settings, finished_from_other_ranges
 from entrypoints.validation import validate_generate_args
 from models.checkpoints import write_json_atomic
 from models.distributed import ProcessContext
@@ -197,6 +197,9 @@ def run_generate_image(args: argparse.Namespace) -> dict:
         done = json.loads(final_path.read_text())
         stats.update({k: v for k, v in done.items() if k in {f"prompt_{i}" for i, _ in items}})
 
+    if not args.overwrite:  # images finished by an earlier run over another range keep their statistics
+        stats.update({k: v for k, v in finished_from_other_ranges(out, final_path, {f"prompt_{i}" for i, _ in items}).items()
+                      if k not in stats})
     todo = [(i, p) for i, p in items if args.overwrite or f"prompt_{i}" not in stats or not (out / f"prompt_{i}.png").exists()]
     if len(todo) < len(items):
         print(f"resuming: {len(items) - len(todo)} of {len(items)} images already in {out}")

@@ -112,3 +112,19 @@ def check_same_settings(config_path: Path, new: dict, keys: list[str], overwrite
     if diff:
         raise UserError(f"{config_path.parent} holds {what} made with other settings ({'; '.join(diff)}); use another "
                         f"--output_dir, the same settings to resume, or --overwrite to regenerate them")
+
+
+def finished_from_other_ranges(folder: Path, current: Path, wanted: set[str]) -> dict:
+    """Entries of ``wanted`` prompts recorded in the folder's other ``global_statistics_{start}_{end}.json``
+    files (an earlier run over another range, with the same settings — :func:`check_same_settings` made sure),
+    so a rerun over a larger range keeps those images instead of regenerating them under stale statistics."""
+    found: dict = {}
+    for other in sorted(folder.glob("global_statistics_*_*.json")):
+        if other == current or ".rank" in other.name:
+            continue
+        try:
+            entries = json.loads(other.read_text())
+        except (OSError, ValueError):
+            continue  # unreadable: those images are simply regenerated
+        found.update({k: v for k, v in entries.items() if k in wanted and k not in found})
+    return found

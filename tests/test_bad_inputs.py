@@ -290,6 +290,11 @@ def test_resume_with_other_settings_refuses_and_overwrite_regenerates(tmp_path, 
     capsys.readouterr()
     cli.main(gen(out, "--model_type", "base", "--set_seed", "--temperature", "0.5"))  # same settings: resumes
     assert "resuming: 1 of 1" in capsys.readouterr().out
+    # a larger range keeps the finished image and its statistics (no regeneration under a stale record)
+    stats = json.loads((out / "global_statistics_0_1.json").read_text())
+    cli.main(gen(out, "--model_type", "base", "--set_seed", "--temperature", "0.5", "--num_images", "3"))
+    assert "resuming: 1 of 3" in capsys.readouterr().out
+    assert json.loads((out / "global_statistics_0_3.json").read_text())["prompt_0"] == stats["prompt_0"]
 
 
 def test_a_folder_written_by_another_process_is_locked(tmp_path, capsys):
