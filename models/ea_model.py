@@ -296,7 +296,8 @@ def build_speculative_decoder(family, args, sampling: SamplingConfig, cfg_scale:
         accept = AcceptConfig.from_original_flags(args.lantern, args.lantern_k, args.lantern_delta)
     neighbours = None
     if accept.enabled:
-        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.k).to(param.device)
+        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.k,
+                                          num_codes=getattr(family, "num_codes", None)).to(param.device)
     static = args.static_tree or args.eagle_version == 1
     choices = tuple(tuple(c) for c in get_tree_choices(args.tree_choices)) if static else None
     tree = TreeConfig(static_choices=choices, top_k_draft=args.top_k_draft, depth=args.depth,
