@@ -38,6 +38,7 @@ from models.generation import (
     GenerationStats,
     Generators,
     Prefix,
+    additive_mask,
     check_generators,
     key_validity,
     prefill,
@@ -69,9 +70,9 @@ class TreeConfig:
         return self.total_token
 
 
-def _gumbel_topk(log_q: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """k draws without replacement from softmax-normalised ``log_q`` (rows), in sampling order (Gumbel-top-k)."""
-    u = torch.rand(log_q.shape, generator=generator, device=log_q.device, dtype=torch.float32)
+def _gumbel_topk(log_q: torch.Tensor, k: int, u: torch.Tensor) -> torch.Tensor:
+    """k draws without replacement from softmax-normalised ``log_q`` (..., V), in sampling order (Gumbel-top-k);
+    ``u`` holds uniforms of the same shape."""
     gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
     return torch.topk(log_q.float() + gumbel, k, dim=-1).indices
 
@@ -194,6 +195,9 @@ class SpeculativeDecoder:
         node_out[:, 0] = h_root[:, -1]
         offsets = tmpl.depth_offsets.tolist()
         widest = int(tmpl.num_children.max())
+        if not self.sampling.greedy:  # each prompt draws this round's uniforms from its own stream, in one call
+            u = torch.stack([torch.rand(offsets[tmpl.max_depth], vocab, generator=prompt_generator(generators, b),
+                                        device=dev) for b in range(batch)])
         for d in range(tmpl.max_depth):
             lo, hi = offsets[d], offsets[d + 1]
             if d > 0:  # feed this level's nodes to get their features and Q
@@ -208,17 +212,15 @@ class SpeculativeDecoder:
             q[:, lo:hi] = self._draft_q(self._draft_logits(node_out[:, lo:hi]))
             if self.sampling.greedy:  # greedy verification only needs the likeliest drafts
                 draws = torch.topk(q[:, lo:hi], widest, dim=-1).indices
-            else:  # each prompt draws from its own stream, as it would alone
-                log_q = torch.log(q[:, lo:hi])
-                draws = torch.stack([_gumbel_topk(log_q[b], widest, prompt_generator(generators, b))
-                                     for b in range(batch)])  # (B, level, widest)
+            else:
+                draws = _gumbel_topk(torch.log(q[:, lo:hi]), widest, u[:, lo:hi])  # (B, level, widest)
             kids = tmpl.children[lo:hi]  # (level, C) rank order, -1 padded
             valid = kids >= 0
             tokens[:, kids[valid]] = draws[:, :, : kids.shape[1]][:, valid]
         return [tmpl.make_tree(tokens[b], q[b]) for b in range(batch)]
 
     # ------------------------------------------------------------------------------------------ decoding
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prefix: Prefix, generator: Generators = None) -> tuple[torch.Tensor, GenerationStats]:
         """Generate ``num_tokens`` image tokens for every prompt of the prefix -> ((B, N) tokens, stats).
 
@@ -255,7 +257,7 @@ class SpeculativeDecoder:
         pend_ids = torch.cat([torch.zeros(batch, t - 1, dtype=torch.long, device=dev), roots[:, None]], dim=1)
         pend_len = torch.full((batch,), t, dtype=torch.long, device=dev)
         dlen = torch.zeros(batch, dtype=torch.long, device=dev)
-        per = [{"accept_lengths": [], "attempted": None, "accepted": None} for _ in range(batch)]
+        per = [{"accept_lengths": [], "attempted": [], "accepted": []} for _ in range(batch)]
         forwards = 1
         greedy = self.sampling.greedy
         build = self._static_tree if self.template is not None else self._dynamic_tree
@@ -285,8 +287,9 @@ class SpeculativeDecoder:
             mask = torch.cat([prefix_keys[:, None, None, :].expand(-1, 1, n, -1),
                               tmask.repeat(streams, 1, 1)[:, None]], dim=-1)
             slots = torch.arange(slot0, slot0 + n, device=dev)
-            h_t = target.forward_hidden(target.embed_tokens(tok.repeat(streams, 1)),
-                                        pos_rows[:, None] + dep.repeat(streams, 1), tcache, slots, mask)
+            emb = target.embed_tokens(tok.repeat(streams, 1))
+            h_t = target.forward_hidden(emb, pos_rows[:, None] + dep.repeat(streams, 1), tcache, slots,
+                                        additive_mask(mask, emb.dtype))
             forwards += 1
             probs = target_probs(self._combine(target.lm_head(h_t)), self.sampling)  # (B, n, V)
             # 4. verify every prompt's tree with its own random stream
@@ -306,8 +309,8 @@ class SpeculativeDecoder:
                 new_ids.append(_pad_last(new, a_max))
                 st = per[b]
                 st["accept_lengths"].append(res.accept_len)
-                st["attempted"] = _add_padded(st["attempted"], res.attempted_per_depth)
-                st["accepted"] = _add_padded(st["accepted"], res.accepted_per_depth)
+                st["attempted"].append(res.attempted_per_depth)
+                st["accepted"].append(res.accepted_per_depth)
             pend_feat = h_t[torch.arange(rows, device=dev)[:, None], path.repeat(streams, 1)]
             pend_ids = torch.stack(new_ids)
             pend_len = torch.tensor([res.accept_len + 1 for res in results], device=dev)
@@ -329,7 +332,8 @@ class SpeculativeDecoder:
         per_prompt = [_prompt_stats(st) for st in per]
         extra = {
             "step_compression": sum(p["step_compression"] for p in per_prompt) / batch,
-            "acceptance_by_depth": _by_depth([st["accepted"] for st in per], [st["attempted"] for st in per]),
+            "acceptance_by_depth": _by_depth([a for st in per for a in st["accepted"]],
+                                             [a for st in per for a in st["attempted"]]),
             "accept_lengths": [a for p in per_prompt for a in p["accept_lengths"]],
             "per_prompt": per_prompt,
         }
@@ -360,20 +364,20 @@ def _pad_last(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([x, x[-1:].expand(n - x.numel())]) if x.numel() < n else x
 
 
-def _by_depth(accepted: list, attempted: list) -> list[float]:
+def _by_depth(accepted: list[torch.Tensor], attempted: list[torch.Tensor]) -> list[float]:
+    """Accepted / attempted sibling tests per depth, summed over rounds (tensors of varying length)."""
+    if not attempted:
+        return []
     acc = att = None
     for a, b in zip(accepted, attempted):
-        if a is not None:
-            acc, att = _add_padded(acc, a), _add_padded(att, b)
-    if att is None:
-        return []
+        acc, att = _add_padded(acc, a), _add_padded(att, b)
     return [(float(a) / float(b) if b > 0 else float("nan")) for a, b in zip(acc.tolist(), att.tolist())]
 
 
 def _prompt_stats(st: dict) -> dict:
     taus = [a + 1 for a in st["accept_lengths"]]
     return {"step_compression": float(sum(taus) / len(taus)) if taus else 1.0,
-            "acceptance_by_depth": _by_depth([st["accepted"]], [st["attempted"]]),
+            "acceptance_by_depth": _by_depth(st["accepted"], st["attempted"]),
             "accept_lengths": st["accept_lengths"], "target_forwards": 1 + len(taus)}
 
 

@@ -86,6 +86,15 @@ def prefix_attention_mask(valid: torch.Tensor) -> torch.Tensor:
     return ((causal & valid[:, None, :]) | eye)[:, None]
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean attention mask (True = may attend) -> additive float mask (0 / -inf) in the model's dtype.
+
+    SDPA converts a boolean mask to this form in every layer; converting once per forward saves that work
+    (the result is the same). Every query row must keep at least one visible key.
+    """
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def key_validity(prefix: Prefix, total_len: int) -> torch.Tensor:
     """(rows, total_len) bool: the prefix validity followed by True for every generated position."""
     tail = torch.ones(prefix.rows, total_len - prefix.length, dtype=torch.bool, device=prefix.valid.device)
@@ -113,7 +122,7 @@ class GenerationStats:
         return self.num_tokens / self.latency if self.latency > 0 else float("nan")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_ar(
     target,
     prefix: Prefix,
@@ -158,7 +167,8 @@ def generate_ar(
             break
         pos = torch.tensor([t + i], device=hidden.device)
         ids = token.repeat(rows // batch)[:, None]
-        h = target.forward_hidden(target.embed_tokens(ids), pos, cache, pos, keys_valid[:, None, None, : t + i + 1])
+        emb = target.embed_tokens(ids)
+        h = target.forward_hidden(emb, pos, cache, pos, additive_mask(keys_valid[:, None, None, : t + i + 1], emb.dtype))
         logits = target.lm_head(h[:, -1]).float()
         forwards += 1
     if out.is_cuda:
