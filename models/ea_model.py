@@ -247,7 +247,7 @@ class SpeculativeDecoder:
 
         hidden = prefill(target, prefix, tcache)
         roots = sample_per_prompt(self._combine(target.lm_head(hidden[:, -1])), self.sampling, generator)  # (B,)
-        active = list(range(batch))  # original prompt index of every prompt still running
+        active = list(range(batch)) if n_tok > 1 else []  # original prompt index of every prompt still running
         outs = [[roots[b : b + 1]] for b in range(batch)]
         n_out = [1] * batch
         lengths = torch.full((batch,), t, dtype=torch.long, device=dev)  # committed target length = root position
