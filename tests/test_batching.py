@@ -206,3 +206,21 @@ def test_generate_images_batch_size_keeps_every_image_and_resumes(demo, tmp_path
     stats = json.loads((tmp_path / "b3" / "global_statistics_0_5.json").read_text())
     assert [stats[f"prompt_{i}"]["batch_size"] for i in range(5)] == [3, 2, 3, 2, 2]
     assert all(e["step_compression"] >= 1.0 and e["latency"] > 0 for e in stats.values())
+
+
+def test_benchmark_reports_throughput_per_batch_size(demo, tmp_path):
+    import json
+
+    import main as cli
+
+    cli.main(["benchmark", "--num_images", "4", "--batch_size", "1", "2", "--output_dir", str(tmp_path),
+              "--settings", "ar", "lantern++:lam=20,tree=chain_6"])
+    rows = {(r["setting"], r["batch_size"]): r for r in json.loads((tmp_path / "benchmark.json").read_text())["results"]}
+    assert set(rows) == {(s, b) for s in ("ar", "lantern++:lam=20,tree=chain_6") for b in (1, 2)}
+    for (setting, bs), r in rows.items():
+        assert r["images_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(64 * r["images_per_s"])
+        assert r["speedup_vs_ar"] == pytest.approx(r["latency_s"] and rows[("ar", bs)]["latency_s"] / r["latency_s"])
+        # per-image seeds: the same images, hence the same τ and accuracy, in every batch size
+        assert r["tau"] == pytest.approx(rows[(setting, 1)]["tau"]) and r["accuracy"] == rows[(setting, 1)]["accuracy"]
+    assert rows[("lantern++:lam=20,tree=chain_6", 2)]["tau"] > 1.5
+    assert "| batch |" in (tmp_path / "benchmark.md").read_text()
