@@ -184,6 +184,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 images = family.decode_images(tokens) * 2 - 1
                 pred = classifier.classify(images).cpu()
                 row["accuracy"] = float((pred == labels).float().mean())
+                from models.evaluation import demo_quality  # + demo-FID, precision / recall vs the bundled digits
+
+                row.update(demo_quality(classifier, images, labels))
             if a["depth"]:
                 width = max(len(d) for d in a["depth"])
                 cols = [[d[j] for d in a["depth"] if j < len(d) and d[j] == d[j]] for j in range(width)]
@@ -205,6 +208,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     (out / "benchmark.json").write_text(json.dumps(report, indent=2))
     table = _markdown(results)
     (out / "benchmark.md").write_text(table + "\n")
+    from models.plots import write_csv, write_plots
+
+    write_csv(results, out)
+    if len(args.batch_size) > 1:  # one point per setting and batch size in the figures
+        plotted = [{**r, "setting": f"{r['setting']} (B={r['batch_size']})"} for r in results]
+    else:
+        plotted = results
+    write_plots(plotted, out, title=f"{args.model}, {len(prompts)} images per setting")
     print(table)
     return report
 
