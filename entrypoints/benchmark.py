@@ -5,6 +5,11 @@ the same run, target forwards per image and — for the built-in demo — the di
 samples (the quality meter). Writes ``benchmark.json`` and ``benchmark.md`` to ``--output_dir``.
 ``--verify_cost`` instead times one target forward over a draft tree of n nodes against one AR step.
 
+Throughput: ``--batch_size 1 4 16`` decodes the prompts B at a time (batched AR and batched speculative decoding)
+and reports images/s and tokens/s per setting and batch size, with τ per prompt. Every batch of prompts runs
+each setting in turn (interleaved), so a machine whose load changes during the run affects all settings alike;
+the speed-up column compares each setting with plain AR at the same batch size.
+
 Setting syntax: ``NAME[:key=value,...]`` with NAME in ar, eagle2 (dynamic tree, exact), eagle1 (static tree,
 exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta, lam, tree, top_k_draft, depth,
 total_token. Example: ``lantern:delta=0.2,k=20 lantern++:lam=5,tree=naive_extend_57``.
@@ -64,6 +69,8 @@ def parse_args() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="runs/benchmark")
     p.add_argument("--save_images", action="store_true", help="save a PNG grid per setting")
     p.add_argument("--verify_cost", action="store_true", help="time tree verification vs one AR step instead")
+    p.add_argument("--batch_size", type=int, nargs="+", default=[1],
+                   help="prompts per batch; several values give one row per setting and batch size")
     add_device_args(p)
     return p
 
@@ -155,50 +162,60 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    decoders = {s["label"]: None if s["name"] == "ar" else build_decoder(family, drafter, s, sampling, cfg_scale,
+                                                                         neighbours) for s in settings}
+
+    def one(label: str, chunk: list[int]):
+        gens = [torch.Generator(device=device).manual_seed(args.random_seed + i) for i in chunk]
+        prefix = family.build_prefix([prompts[i] for i in chunk], cfg_scale)
+        if decoders[label] is None:
+            return generate_ar(family.target, prefix, family.num_image_tokens, sampling, gens, family.allowed_tokens)
+        return decoders[label].generate(prefix, gens)
+
     results = []
-    for setting in settings:
-        decoder = None if setting["name"] == "ar" else build_decoder(family, drafter, setting, sampling, cfg_scale,
-                                                                     neighbours)
+    for bs in args.batch_size:
+        chunks = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
+        for s in settings:
+            one(s["label"], chunks[0])  # warm-up, not timed
+        acc = {s["label"]: {"time": 0.0, "taus": [], "fwd": [], "toks": [], "depth": []} for s in settings}
+        for chunk in tqdm(chunks, desc=f"batch {bs}", unit="batch", leave=False):
+            for s in settings:  # interleaved: every batch of prompts runs every setting
+                tokens, st = one(s["label"], chunk)
+                a = acc[s["label"]]
+                a["time"] += st.latency
+                a["toks"].append(tokens)
+                per = st.extra.get("per_prompt", [{"step_compression": 1.0, "target_forwards": st.target_forwards}]
+                                   * len(chunk))
+                a["taus"] += [p["step_compression"] for p in per]
+                a["fwd"] += [p["target_forwards"] for p in per]
+                a["depth"] += [p["acceptance_by_depth"] for p in per if "acceptance_by_depth" in p]
+        for s in settings:
+            a = acc[s["label"]]
+            tokens = torch.cat(a["toks"])
+            row = {"setting": s["label"], "batch_size": bs, "tau": statistics.mean(a["taus"]),
+                   "latency_s": a["time"] / len(prompts), "images_per_s": len(prompts) / a["time"],
+                   "tokens_per_s": len(prompts) * family.num_image_tokens / a["time"],
+                   "target_forwards": statistics.mean(a["fwd"])}
+            if classifier is not None:
+                images = family.decode_images(tokens) * 2 - 1
+                pred = classifier.classify(images).cpu()
+                row["accuracy"] = float((pred == labels).float().mean())
+                from models.evaluation import demo_quality  # + demo-FID, precision / recall vs the bundled digits
 
-        def one(i: int, decoder=decoder):
-            gen = torch.Generator(device=device).manual_seed(args.random_seed + i)
-            prefix = family.build_prefix([prompts[i]], cfg_scale)
-            if decoder is None:
-                return generate_ar(family.target, prefix, family.num_image_tokens, sampling, gen, family.allowed_tokens)
-            return decoder.generate(prefix, gen)
+                row.update(demo_quality(classifier, images, labels))
+            if a["depth"]:
+                width = max(len(d) for d in a["depth"])
+                cols = [[d[j] for d in a["depth"] if j < len(d) and d[j] == d[j]] for j in range(width)]
+                row["acceptance_by_depth"] = [statistics.mean(c) if c else None for c in cols]
+            if args.save_images:
+                from torchvision.utils import save_image
 
-        one(0)  # warm-up, not timed
-        lat, taus, fwd, toks = [], [], [], []
-        depth_acc = []
-        for i in tqdm(range(len(prompts)), desc=setting["label"], unit="img", leave=False):
-            tokens, st = one(i)
-            lat.append(st.latency)
-            taus.append(st.extra.get("step_compression", 1.0))
-            fwd.append(st.target_forwards)
-            toks.append(tokens)
-            if "acceptance_by_depth" in st.extra:
-                depth_acc.append(st.extra["acceptance_by_depth"])
-        tokens = torch.cat(toks)
-        row = {"setting": setting["label"], "tau": statistics.mean(taus), "latency_s": statistics.mean(lat),
-               "target_forwards": statistics.mean(fwd)}
-        if classifier is not None:
-            images = family.decode_images(tokens) * 2 - 1
-            pred = classifier.classify(images).cpu()
-            row["accuracy"] = float((pred == labels).float().mean())
-            from models.evaluation import demo_quality  # + demo-FID, precision / recall vs the bundled digits
-
-            row.update(demo_quality(classifier, images, labels))
-        if depth_acc:
-            width = max(len(a) for a in depth_acc)
-            cols = [[a[j] for a in depth_acc if j < len(a) and a[j] == a[j]] for j in range(width)]
-            row["acceptance_by_depth"] = [statistics.mean(c) if c else None for c in cols]
-        if args.save_images:
-            from torchvision.utils import save_image
-
-            save_image(family.decode_images(tokens), out / f"{setting['label'].replace(':', '_')}.png", nrow=10)
-        results.append(row)
-    base = next((r["latency_s"] for r in results if r["setting"] == "ar"), None)
-    for r in results:
+                name = s["label"].replace(":", "_") + ("" if args.batch_size == [1] else f"_b{bs}")
+                save_image(family.decode_images(tokens), out / f"{name}.png", nrow=10)
+            results.append(row)
+    for r in results:  # against plain AR at the same batch size
+        base = next((b["latency_s"] for b in results if b["setting"] == "ar" and b["batch_size"] == r["batch_size"]),
+                    None)
         r["speedup_vs_ar"] = base / r["latency_s"] if base else None
     report = {"model": args.model, "num_images": len(prompts), "device": str(device), "dtype": str(dtype),
               "threads": torch.get_num_threads(), "sampling": vars(sampling), "cfg": cfg_scale,
@@ -210,19 +227,25 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     from models.plots import write_csv, write_plots
 
     write_csv(results, out)
-    write_plots(results, out, title=f"{args.model}, {len(prompts)} images per setting")
+    if len(args.batch_size) > 1:  # one point per setting and batch size in the figures
+        plotted = [{**r, "setting": f"{r['setting']} (B={r['batch_size']})"} for r in results]
+    else:
+        plotted = results
+    write_plots(plotted, out, title=f"{args.model}, {len(prompts)} images per setting")
     print(table)
     return report
 
 
 def _markdown(results: list[dict]) -> str:
     has_acc = any("accuracy" in r for r in results)
-    head = "| setting | τ | latency (s) | speed-up vs AR | target forwards |" + (" accuracy |" if has_acc else "")
-    sep = "|---|---|---|---|---|" + ("---|" if has_acc else "")
+    head = ("| setting | batch | τ | latency (s / image) | images/s | tokens/s | speed-up vs AR (same batch) | "
+            "target forwards |") + (" accuracy |" if has_acc else "")
+    sep = "|---|---|---|---|---|---|---|---|" + ("---|" if has_acc else "")
     lines = [head, sep]
     for r in results:
         sp = f"{r['speedup_vs_ar']:.2f}×" if r.get("speedup_vs_ar") else "—"
-        line = f"| {r['setting']} | {r['tau']:.2f} | {r['latency_s']:.3f} | {sp} | {r['target_forwards']:.1f} |"
+        line = (f"| {r['setting']} | {r['batch_size']} | {r['tau']:.2f} | {r['latency_s']:.3f} | "
+                f"{r['images_per_s']:.2f} | {r['tokens_per_s']:.0f} | {sp} | {r['target_forwards']:.1f} |")
         if has_acc:
             line += f" {100 * r['accuracy']:.0f} % |"
         lines.append(line)
@@ -281,7 +304,7 @@ def run_verify_cost(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args().parse_args(argv)
     validate_sampling_args(args)
-    check_counts(args, {"num_images": 1, "lantern_k": 1, "batch_size": 1})
+    check_counts(args, {"num_images": 1, "lantern_k": 1})
     check_output_dir(args.output_dir)
     apply_threads(args.threads)
     for s in args.settings:  # fail fast on a typo
@@ -290,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
 
     for tree in {parse_setting(s, args.lantern_k, args.tree_choices)["tree"] for s in args.settings}:
         get_tree_choices(tree)  # a bad tree name fails now, not after the first settings ran
+    if min(args.batch_size) < 1:
+        raise UserError(f"--batch_size must be >= 1, got {min(args.batch_size)}")
     if args.verify_cost:
         run_verify_cost(args)
     else:
