@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from chameleon_fixtures import hf_config, hf_model, write_anole_folder, write_lumina_folder
+from chameleon_fixtures import hf_config, write_anole_folder, write_lumina_folder
 from conftest import conformance_dir, manifest_entries, read_json
 
 from models.base_models.chameleon.loading import load_chameleon_target

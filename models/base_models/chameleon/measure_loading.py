@@ -65,19 +65,33 @@ def write_random_folder(folder: Path, dtype: torch.dtype, shard_bytes: int = 1 <
     return total
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM; ru_maxrss would include the parent's peak across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _child(folder: str, dtype_name: str) -> None:
-    """Runs in the subprocess: load, then print peak RSS and timing as JSON."""
+    """Runs in the subprocess: load, read every parameter once, then print peak RSS and timing as JSON."""
     from models.base_models.chameleon.loading import load_chameleon_target
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak_rss_bytes()
     t0 = time.perf_counter()
     model = load_chameleon_target(folder, "cpu", DTYPES[dtype_name])
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after_load = peak_rss_bytes()
+    with torch.no_grad():  # touch every weight so lazily mapped pages count as well
+        checksum = float(sum(p.float().sum() for p in model.parameters()))
+    peak = peak_rss_bytes()
     params = sum(p.numel() for p in model.parameters())
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(json.dumps({"peak_rss_bytes": peak, "rss_before_load_bytes": before, "parameters": params,
-                      "model_bytes": nbytes, "seconds": seconds}))
+    print(json.dumps({"peak_rss_bytes": peak, "peak_rss_after_load_bytes": after_load, "rss_before_load_bytes": before,
+                      "parameters": params, "model_bytes": nbytes, "seconds": seconds, "checksum": checksum}))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     res["weights_file_bytes"] = weights
     gib = 1024**3
     print(f"{res['parameters'] / 1e9:.2f} B parameters, {args.dtype}: weights {weights / gib:.2f} GiB; "
-          f"peak RSS while loading {res['peak_rss_bytes'] / gib:.2f} GiB "
+          f"peak RSS {res['peak_rss_after_load_bytes'] / gib:.2f} GiB after loading, "
+          f"{res['peak_rss_bytes'] / gib:.2f} GiB after reading every weight "
           f"(python + torch before loading {res['rss_before_load_bytes'] / gib:.2f} GiB) = "
           f"{res['peak_rss_bytes'] / weights:.2f} x the weights; load took {res['seconds']:.1f} s")
     return res

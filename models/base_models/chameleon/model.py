@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base_models.chameleon.vqgan import Encoder, VQGANConfig, VectorQuantizer
+from models.base_models.chameleon.vqgan import Encoder, VectorQuantizer, VQGANConfig
 from models.base_models.llamagen.gpt import RMSNorm, attend, cache_window
 from models.drafters.kv_cache import KVCache
 
