@@ -48,7 +48,7 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--vq_path", default=None, help="VQ tokenizer checkpoint; default: the ckpts/ layout")
     g.add_argument("--t5_path", default=None, help="local FLAN-T5 folder for LlamaGen T2I")
     g.add_argument("--drafter_path", default=None, help="EAGLE drafter folder (config.json + weights)")
-    g.add_argument("--image_size", type=int, default=None, help="image size for LlamaGen C2I .pt checkpoints (256/384)")
+    g.add_argument("--image_size", type=int, default=None, help="image size: LlamaGen C2I .pt checkpoints (256/384); Anole / Lumina-mGPT (default 512 / 768)")
     add_device_args(g)
 
     g = p.add_argument_group("prompts and outputs")
@@ -87,7 +87,9 @@ def parse_args() -> argparse.ArgumentParser:
                    help="static tree: a named choice list (mc_sim_7b_63, naive_extend_57, chain_<n>) or a JSON list of "
                    "paths (default mc_sim_7b_63)")
     g.add_argument("--eagle_version", type=int, default=2, choices=[1, 2], help="1 = static tree, 2 = dynamic tree")
-    g.add_argument("--cfg_mode", default="sequential", choices=["sequential", "parallel"], help="Lumina-mGPT CFG layout")
+    g.add_argument("--cfg_mode", default="parallel", choices=["sequential", "parallel"],
+                   help="Chameleon (Anole / Lumina-mGPT) CFG layout: one padded batch (parallel) or two caches "
+                   "(sequential, as the original)")
     g.add_argument("--top_k_draft", type=int, default=10, help="dynamic tree: children per expanded node")
     g.add_argument("--depth", type=int, default=4, help="dynamic tree: draft depth")
     g.add_argument("--total_token", type=int, default=59, help="dynamic tree: nodes kept per tree (incl. the root)")
@@ -156,7 +158,8 @@ def run_generate_image(args: argparse.Namespace) -> dict:
                              args.slice)
     items = all_items[ctx.rank :: ctx.world]  # round-robin over processes; indices stay global
 
-    family = load_family(args.model, device, dtype, args.model_path, args.vq_path, args.t5_path, args.image_size)
+    family = load_family(args.model, device, dtype, args.model_path, args.vq_path, args.t5_path, args.image_size,
+                         cfg_mode=args.cfg_mode)
     sampling, cfg_scale = _sampling(args, family.defaults)
     decoder = None
     if args.model_type == "eagle":
@@ -199,7 +202,8 @@ def run_generate_image(args: argparse.Namespace) -> dict:
             entry = {"step_compression": 1.0}
         else:
             tokens, gstats = decoder.generate(prefix, generator)
-            entry = {"step_compression": gstats.extra["step_compression"]}
+            entry = {"step_compression": gstats.extra["step_compression"],
+                     "step_compression_image": gstats.extra["step_compression_image"]}
         image = family.decode_images(tokens)
         tmp = out / f"prompt_{idx}.tmp.png"
         save_image(image, tmp)

@@ -31,6 +31,7 @@ from models.drafters.cnets import EagleDrafter
 from models.drafters.tree import DraftTree, StaticTreeTemplate, select_dynamic_tree
 from models.generation import GenerationStats, Prefix, key_validity, prefill
 from models.sampling import SamplingConfig, cfg_combine, sample_token, target_probs
+from models.token_masks import apply_allowed_tokens, forced_positions
 
 
 @dataclass(frozen=True)
@@ -94,15 +95,16 @@ class SpeculativeDecoder:
                 raise ValueError(f"--drafter_top_k must be >= the widest node of the tree ({widest})")
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _combine(self, logits: torch.Tensor) -> torch.Tensor:
-        """Raw (rows, ..., V) -> CFG-combined float logits with the family's vocabulary restriction."""
-        out = cfg_combine(logits.float(), self.cfg_scale)
-        if self.allowed_tokens is not None:
-            out = out.masked_fill(~self.allowed_tokens, float("-inf"))
-        return out
+    def _combine(self, logits: torch.Tensor, index=None) -> torch.Tensor:
+        """Raw (rows, ..., V) -> CFG-combined float logits with the family's token restriction.
 
-    def _draft_logits(self, feats: torch.Tensor) -> torch.Tensor:
-        return self._combine(self.target.lm_head(feats.to(self.target.lm_head.weight.dtype)))
+        ``index``: image-token index each logit row predicts (needed by per-position masks, e.g. Lumina's
+        forced newline/end tokens; the same mask for drafter and verifier makes a forced position a point mass).
+        """
+        return apply_allowed_tokens(cfg_combine(logits.float(), self.cfg_scale), self.allowed_tokens, index)
+
+    def _draft_logits(self, feats: torch.Tensor, index=None) -> torch.Tensor:
+        return self._combine(self.target.lm_head(feats.to(self.target.lm_head.weight.dtype)), index)
 
     def _draft_q(self, logits: torch.Tensor) -> torch.Tensor:
         """Drafter distribution Q for sampled (static) drafts: the target's sampler settings, optional top-k."""
@@ -121,7 +123,8 @@ class SpeculativeDecoder:
         """EAGLE-2: expand the best ``top_k_draft`` nodes per level; keep the best ``total_token − 1`` overall."""
         cfg, dev = self.tree_cfg, h_root.device
         k = cfg.top_k_draft
-        logp = torch.log_softmax(self._draft_logits(h_root[:, -1]), dim=-1).squeeze(0)  # (V,)
+        base = r - self._prefix_len + 1  # image-token index of the root's children
+        logp = torch.log_softmax(self._draft_logits(h_root[:, -1], base), dim=-1).squeeze(0)  # (V,)
         top = torch.topk(logp, k)
         tokens, parents, scores = [top.indices], [torch.full((k,), -1, device=dev)], [top.values]
         front_idx = torch.arange(k, device=dev)  # candidate indices of the frontier
@@ -145,7 +148,7 @@ class SpeculativeDecoder:
             slots = torch.arange(r + fed, r + fed + k, device=dev)
             rope = torch.full((k,), r - 1 + d, device=dev)
             out = self._run_drafter(front_feat, front_tok[None], rope, dcache, slots, mask)  # (rows, k, H)
-            logp = torch.log_softmax(self._draft_logits(out), dim=-1).reshape(k, -1)
+            logp = torch.log_softmax(self._draft_logits(out, base + d), dim=-1).reshape(k, -1)
             child = torch.topk(logp, k, dim=-1)  # (k, k)
             cum = front_score[:, None] + child.values
             tokens.append(child.indices.flatten())
@@ -182,7 +185,8 @@ class SpeculativeDecoder:
                 out = self._run_drafter(node_out[:, tmpl.parents[idx]], tokens[idx][None],
                                         torch.full((hi - lo,), r - 1 + d, device=dev), dcache, r + idx - 1, mask)
                 node_out[:, lo:hi] = out
-            q[lo:hi] = self._draft_q(self._draft_logits(node_out[:, lo:hi]).reshape(hi - lo, -1))
+            base = r - self._prefix_len + 1  # image-token index of the root's children
+            q[lo:hi] = self._draft_q(self._draft_logits(node_out[:, lo:hi], base + d).reshape(hi - lo, -1))
             if self.sampling.greedy:  # greedy verification only needs the likeliest drafts
                 draws = torch.topk(q[lo:hi], widest, dim=-1).indices
             else:
@@ -212,14 +216,19 @@ class SpeculativeDecoder:
         tcache, dcache = target.new_cache(rows, max_len), drafter.new_cache(rows, max_len)
         keys = key_validity(prefix, max_len)
 
+        self._prefix_len = t
+        forced = forced_positions(self.allowed_tokens, n_tok, dev)
         hidden = prefill(target, prefix, tcache)
-        root = sample_token(self._combine(target.lm_head(hidden[:, -1])), self.sampling, generator).squeeze(0)
+        root = sample_token(self._combine(target.lm_head(hidden[:, -1]), 0), self.sampling, generator).squeeze(0)
         out = [root.view(1)]
         n_out = 1
         # drafter inputs: features at positions [dlen, r) with the token of the following position; condition
         # positions carry token id 0, as in LANTERN's training data
         pend_feat = hidden
         pend_ids = torch.cat([torch.zeros(t - 1, dtype=torch.long, device=dev), root.view(1)])[None]
+        if prefix.token_ids is not None:  # token prefixes (Chameleon): f_t is paired with the real x_{t+1}
+            pend_ids = torch.cat([prefix.token_ids[:, 1:], root.view(1, 1).expand(rows, 1)], dim=1)
+        image_counts = []
         dlen = 0
         accept_lengths, attempted, accepted = [], None, None
         forwards = 1
@@ -243,11 +252,13 @@ class SpeculativeDecoder:
             h_t = target.forward_hidden(target.embed_tokens(tree.tokens[None].expand(rows, -1)), r + tree.depths,
                                         tcache, slots, mask)
             forwards += 1
-            probs = target_probs(self._combine(target.lm_head(h_t)).reshape(n, -1), self.sampling)
+            probs = target_probs(self._combine(target.lm_head(h_t), r - t + 1 + tree.depths).reshape(n, -1),
+                                 self.sampling)
             res = verify_tree(tree, probs, self.accept, self.neighbours, greedy, generator)
             tcache.commit(r + res.path, r)
             new = torch.cat([tree.tokens[res.path[1:]], res.next_token.view(1)])
             out.append(new)
+            image_counts.append(int((~forced[n_out : n_out + new.numel()]).sum()))  # tau over image tokens
             n_out += new.numel()
             accept_lengths.append(res.accept_len)
             attempted = res.attempted_per_depth if attempted is None else _add_padded(attempted, res.attempted_per_depth)
@@ -265,6 +276,8 @@ class SpeculativeDecoder:
             "step_compression": float(sum(taus) / len(taus)) if taus else 1.0,
             "acceptance_by_depth": by_depth,
             "accept_lengths": accept_lengths,
+            # free (forced) tokens such as Lumina's newlines excluded: image tokens per target forward
+            "step_compression_image": float(sum(image_counts) / len(image_counts)) if image_counts else 1.0,
         }
         return tokens, GenerationStats(latency, n_tok, forwards, extra)
 
@@ -297,6 +310,8 @@ def build_speculative_decoder(family, args, sampling: SamplingConfig, cfg_scale:
     neighbours = None
     if accept.enabled:
         neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.k).to(param.device)
+        if hasattr(family, "neighbours_for_engine"):  # tables are in VQ indices; Chameleon's tokens are not
+            neighbours = family.neighbours_for_engine(neighbours)
     static = args.static_tree or args.eagle_version == 1
     choices = tuple(tuple(c) for c in get_tree_choices(args.tree_choices)) if static else None
     tree = TreeConfig(static_choices=choices, top_k_draft=args.top_k_draft, depth=args.depth,

@@ -115,3 +115,34 @@ def write_tokenizer_folder(folder: Path, seed: int = 0) -> Path:
     write_text_tokenizer(folder / "text_tokenizer.json")
     write_vqgan(folder, seed)
     return folder
+
+
+def random_chameleon_drafter(target, seed: int = 0):
+    """A random LANTERN-style Chameleon drafter sized like ``target`` (a ChameleonCausalLM)."""
+    from models.drafters.cnets import DrafterConfig, EagleDrafter
+
+    c = target.config
+    torch.manual_seed(seed)
+    d = EagleDrafter(DrafterConfig(family="chameleon", hidden_size=c.hidden_size, intermediate_size=2 * c.hidden_size,
+                                   num_attention_heads=c.num_attention_heads, vocab_size=c.vocab_size,
+                                   rms_norm_eps=1e-5, block_size=0, cls_token_num=0)).eval()
+    randomise(d, seed + 7)
+    return d
+
+
+def write_chameleon_ckpts(root: Path, model: str) -> dict[str, Path]:
+    """A tiny ckpts/ tree for ``anole`` or ``lumina_mgpt``: model folder, tokenizer folder, drafter, neighbours."""
+    from models.base_models.chameleon.loading import load_chameleon_target
+    from models.base_models.chameleon.vqgan import load_chameleon_vqgan
+    from models.drafters.cnets import save_drafter
+    from models.drafters.neighbours import build_neighbour_table, save_neighbour_table
+
+    base = root / model
+    model_dir = (write_anole_folder(base / "Anole-7b-v0.1-hf") if model == "anole"
+                 else write_lumina_folder(base / "Lumina-mGPT-7B-768"))
+    tok = write_tokenizer_folder(base / "chameleon" / "tokenizer")
+    drafter_dir = base / "trained_drafters" / f"{model}_drafter"
+    save_drafter(random_chameleon_drafter(load_chameleon_target(model_dir)), drafter_dir)
+    codebook = load_chameleon_vqgan(tok).quantize.embedding.weight.detach()
+    table = save_neighbour_table(base / "vq_distances" / "neighbours.safetensors", build_neighbour_table(codebook, 16, dtype=torch.float32))
+    return {"model": model_dir, "vq": tok, "drafter": drafter_dir, "codebook": table}
