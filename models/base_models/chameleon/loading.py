@@ -117,6 +117,30 @@ def load_chameleon_target(
     return model.eval()
 
 
+def load_chameleon_head_and_embedding(folder: str | os.PathLike):
+    """(config, lm_head weight (V, H), token embedding (V, H)) in fp32 from the mmapped shards only.
+
+    What drafter training needs of the target (frozen head and embedding), without reading the layers.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"Chameleon model folder not found: {folder}\nExpected layout:\n{CHAMELEON_LAYOUT_HINT}")
+    files = shard_files(folder)
+    cfg = read_target_config(folder, tensor_shapes(files))
+    wanted = {"lm_head.weight": None, "model.embed_tokens.weight": None}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for k in wanted:
+                if k in st.keys():
+                    wanted[k] = st.get_tensor(k).float()
+    missing = [k for k, v in wanted.items() if v is None]
+    if missing:
+        raise CheckpointError(f"{folder}: the shards lack {missing}")
+    return cfg, wanted["lm_head.weight"], wanted["model.embed_tokens.weight"]
+
+
 def save_chameleon_folder(
     model: ChameleonCausalLM, folder: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3, config_extra: dict | None = None
 ) -> None:

@@ -70,6 +70,11 @@ class ChameleonTargetConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def model_type(self) -> str:
+        """The condition kind the pipeline stages branch on (LlamaGen: c2i / t2i): a token prefix."""
+        return "chameleon"
+
     @classmethod
     def from_dict(cls, d: dict, qk_norm_rows: int | None = None) -> ChameleonTargetConfig:
         """From a ``config.json`` of transformers 4.x/5.x (``rope_theta`` or ``rope_parameters``) or our own dict."""
