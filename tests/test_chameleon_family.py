@@ -13,7 +13,6 @@ from test_engine import _assert_matches
 from models.base_models.chameleon.model import ChameleonCausalLM, ChameleonTargetConfig
 from models.drafters.choices import get_tree_choices
 from models.ea_model import SpeculativeDecoder, TreeConfig
-from models.families import chameleon as ch
 from models.generation import Prefix, generate_ar, prefix_attention_mask
 from models.registry import load_family
 from models.sampling import SamplingConfig, cfg_combine, target_probs
@@ -92,10 +91,10 @@ def test_sequential_cfg_equals_parallel(ckpts, model):
     par, seq = family(ckpts, model), family(ckpts, model, "sequential")
     seen = {}
     for name, fam in (("par", par), ("seq", seq)):
-        logits = []
+        logits: list[torch.Tensor] = []
         prefix = fam.build_prefix(["a red cat"], 3.0)
         tokens, _ = generate_ar(fam.target, prefix, fam.num_image_tokens, GREEDY, None, fam.allowed_tokens,
-                                on_step=lambda i, lg, t: logits.append(lg.clone()))
+                                on_step=lambda i, lg, t, out=logits: out.append(lg.clone()))
         seen[name] = (tokens, torch.stack(logits))
     assert torch.equal(seen["par"][0], seen["seq"][0])
     finite = torch.isfinite(seen["par"][1])
