@@ -206,3 +206,18 @@ def test_missing_checkpoint_names_the_tree(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "vqgan.yaml" in err and "ckpts/anole/chameleon/tokenizer" in err
+
+
+def test_neighbour_table_in_token_ids_and_ids_past_it(ckpts):
+    """The VQ-index table becomes a token-id table over the candidate ids only; ids past it have no neighbours."""
+    from models.drafters.acceptance import relaxed_mass
+
+    lumina = family(ckpts, "lumina_mgpt")
+    vq_table = torch.tensor([[1, 2], [0, 2], [1, 0]]).repeat(2731, 1)[:8192]
+    tok = lumina.neighbours_for_engine(vq_table)
+    assert tok.shape == (8804, 2)  # rows up to the newline id, not the 65 k (here 8.8 k) vocabulary
+    assert tok[4].tolist() == [5, 6] and tok[8803].tolist() == [-1, -1] and tok[:4].eq(-1).all()
+    probs = torch.zeros(2, lumina.target.config.vocab_size)
+    probs[:, 5] = probs[:, 6] = 0.5
+    p_tilde, m = relaxed_mass(probs, torch.tensor([4, 8810]), tok, 2, 0.9, None)
+    assert p_tilde.tolist() == [0.5, 0.0] and m.tolist() == [1, 0]
