@@ -221,3 +221,19 @@ def test_neighbour_table_in_token_ids_and_ids_past_it(ckpts):
     probs[:, 5] = probs[:, 6] = 0.5
     p_tilde, m = relaxed_mass(probs, torch.tensor([4, 8810]), tok, 2, 0.9, None)
     assert p_tilde.tolist() == [0.5, 0.0] and m.tolist() == [1, 0]
+
+
+def test_image_token_ids_from_a_chameleon_vocabulary():
+    """``IMGIMG<letters>Z`` names spell the code in decimal with A=0 .. J=9 (transformers' reading)."""
+    from models.checkpoints import CheckpointError
+    from models.families.chameleon import image_token_ids_from_vocab
+
+    def name(i: int) -> str:
+        return "IMGIMG" + "".join(chr(ord("A") + int(c)) for c in str(i)) + "Z"
+
+    vocab = {"<s>": 0, "hello": 3, **{name(i): 100 + (i * 7) % 12 for i in range(12)}}
+    table = image_token_ids_from_vocab(vocab, 12)
+    assert table.tolist() == [100 + (i * 7) % 12 for i in range(12)]
+    assert image_token_ids_from_vocab({"<s>": 0}, 12) is None  # no image names: id = index + 4
+    with pytest.raises(CheckpointError, match="names 12 image tokens"):
+        image_token_ids_from_vocab(vocab, 16)

@@ -273,7 +273,7 @@ def load_chameleon_vqgan(
     from models.checkpoints import check_state_dict, load_weight_file
 
     p = Path(folder_or_yaml)
-    yaml_path = p / "vqgan.yaml" if p.is_dir() else p
+    yaml_path = p if p.suffix in (".yaml", ".yml", ".json") else p / "vqgan.yaml"  # a folder, or the yaml itself
     ckpt = Path(ckpt_path) if ckpt_path is not None else yaml_path.parent / "vqgan.ckpt"
     for f, what in ((yaml_path, "VQGAN config"), (ckpt, "VQGAN weights")):
         if not f.exists():
