@@ -124,3 +124,49 @@ def test_trained_drafter_and_codebook_run_in_generate_images(pipeline, tmp_path)
           str(root / "nb.safetensors"), "--image_size", str(IMAGE_SIZE), "--prompt", "a red cat", "--num_images", "1",
           "--output_dir", str(tmp_path), "--device", "cpu", "--top_k_draft", "3", "--depth", "3", "--total_token", "10"])
     assert Image.open(tmp_path / "prompt_0.png").size == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_stages_resume_without_duplicates(pipeline, capsys):
+    from entrypoints.generate_train_data import main as train_data
+    from entrypoints.self_distill import main as distill
+
+    root, model, p = pipeline["root"], pipeline["model"], pipeline["ckpts"]
+    common = ["--model", model, "--model_path", str(p["model"]), "--vq_path", str(p["vq"]), "--device", "cpu"]
+    distill([*common, "--prompt", str(root / "images" / "prompts.txt"), "--num_prompts", "2",
+             "--samples_per_prompt", "2", "--output_dir", str(root / "distill"), "--image_size", str(IMAGE_SIZE)])
+    train_data([*common, "--data_path", str(root / "distill"), "--output_dir", str(root / "hidden"),
+                "--prefix_len", "64", "--batch_size", "3"])
+    out = capsys.readouterr().out
+    assert "resuming: 4 of 4 samples" in out
+    for folder in ("distill", "hidden"):
+        assert json.loads((root / folder / "manifest.json").read_text())["num_samples"] == 4
+
+
+@pytest.mark.slow
+def test_train_drafter_under_accelerate_launch(pipeline, tmp_path):
+    """Two gloo processes (accelerate launch --multi_gpu) train the Chameleon drafter; both ranks agree."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+    from safetensors.torch import load_file
+
+    if pipeline["model"] != "anole":
+        pytest.skip("one family is enough for the launcher")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    save = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "entrypoints.train_drafter.main", "--model", "anole", "--base_path",
+           str(pipeline["ckpts"]["model"]), "--data_dir", str(pipeline["root"] / "hidden"), "--save_dir", str(save),
+           "--bs", "1", "--max_steps", "2", "--eval_fraction", "0.25", "--dump_rank_weights"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0 = load_file(str(save / "rank_weights" / "rank0.safetensors"))
+    r1 = load_file(str(save / "rank_weights" / "rank1.safetensors"))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
