@@ -91,7 +91,8 @@ def parse_args() -> argparse.ArgumentParser:
                    help="Chameleon (Anole / Lumina-mGPT) CFG layout: one padded batch (parallel) or two caches "
                    "(sequential, as the original)")
     g.add_argument("--top_k_draft", type=int, default=10, help="dynamic tree: children per expanded node")
-    g.add_argument("--depth", type=int, default=4, help="dynamic tree: draft depth")
+    g.add_argument("--depth", type=int, default=None, help="dynamic tree: draft depth (default: the model's; "
+                   "4, Lumina-mGPT 5, as the original)")
     g.add_argument("--total_token", type=int, default=59, help="dynamic tree: nodes kept per tree (incl. the root)")
     g.add_argument("--drafter_top_k", type=int, default=None, help="restrict the drafter's distribution to its top-k")
     g.add_argument("--codebook_path", default=None, help="neighbour table for --lantern (generate_codebook output)")
@@ -132,6 +133,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             if getattr(args, key) in (None, False):
                 setattr(args, key, value)
     args.tree_choices = args.tree_choices or "mc_sim_7b_63"
+    args.depth = MODELS[args.model].depth if args.depth is None else args.depth
     if args.lantern_tvd is not None and args.lantern_lambda is not None:
         raise UserError("give either --lantern_tvd (LANTERN) or --lantern_lambda (LANTERN++), not both")
     if args.lantern_tvd is not None or args.lantern_lambda is not None:

@@ -28,6 +28,7 @@ class ModelSpec:
     image_size: int | None = None
     lantern: tuple[int, float] = (1000, 0.1)  # default (lantern_k, lantern_delta), the original's
     showcase: dict = field(default_factory=dict)  # generate_images flags of the bare command (demo only)
+    depth: int = 4  # default dynamic-tree depth (the original: 4; Lumina-mGPT 5)
 
     def default_path(self, key: str) -> Path | None:
         p = self.paths.get(key)
@@ -87,7 +88,7 @@ MODELS: dict[str, ModelSpec] = {
             {"model": "ckpts/lumina_mgpt/Lumina-mGPT-7B-768", "vq": "ckpts/lumina_mgpt/chameleon/tokenizer",
              "drafter": "ckpts/lumina_mgpt/trained_drafters/lumina_mgpt_drafter",
              "codebook": "ckpts/lumina_mgpt/vq_distances/neighbours.safetensors"},
-            image_size=768,
+            image_size=768, depth=5,
         ),
     ]
 }

@@ -39,3 +39,22 @@ def test_anole_drafter_manifest():
         model = EagleDrafter(cfg)
     got = sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())
     assert got == sorted(manifest_entries(d / "manifest_anole_drafter.json"))
+
+
+def test_lumina_layout_drafter_norm_rows_load(tmp_path):
+    """A drafter whose q/k-norm rows are per shard ([1, head_dim], Lumina's layout) loads and repeats them."""
+    from models.drafters.cnets import save_drafter
+
+    cfg = DrafterConfig(family="chameleon", hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                        vocab_size=16, block_size=0, cls_token_num=0, qk_norm_rows=1)
+    model = EagleDrafter(cfg)
+    assert model.layers[0].self_attn.q_norm.weight.shape == (1, 8)
+    save_drafter(model, tmp_path / "d")
+    raw = read_json(tmp_path / "d" / "config.json")
+    raw.pop("qk_norm_rows")
+    (tmp_path / "d" / "config.json").write_text(__import__("json").dumps(raw))
+    loaded = load_drafter(tmp_path / "d")
+    assert loaded.config.qk_norm_rows == 1
+    x, ids = torch.randn(1, 5, 32), torch.randint(0, 16, (1, 5))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, ids), model(x, ids))

@@ -54,6 +54,7 @@ class DrafterConfig:
     bias: bool = True  # fc bias (LANTERN builds Model(config, bias=True))
     family: str = "llamagen"  # "llamagen" (2-D RoPE Llama layer) or "chameleon" (qk-norm, rotate-half RoPE)
     input_type: str | None = None
+    qk_norm_rows: int | None = None  # chameleon: rows of q_norm/k_norm (heads; 1 in Lumina-layout weights)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -106,8 +107,9 @@ class ChameleonDrafterAttention(DrafterAttention):
         super().__init__(cfg)
         from models.base_models.chameleon.model import QKNorm
 
-        self.q_norm = QKNorm(self.n_head, self.head_dim, self.n_head)
-        self.k_norm = QKNorm(self.n_kv, self.head_dim, self.n_kv)
+        rows = cfg.qk_norm_rows or self.n_head
+        self.q_norm = QKNorm(rows, self.head_dim, self.n_head)
+        self.k_norm = QKNorm(self.n_kv if rows == self.n_head else rows, self.head_dim, self.n_kv)
 
     def forward(self, x, freqs, mask, cache, layer, cache_pos, kv_len):
         from models.base_models.chameleon.model import apply_rope
@@ -231,8 +233,11 @@ def load_drafter(path, device: torch.device | str = "cpu", dtype: torch.dtype = 
             and raw.get("input_type") not in INPUT_TYPES and raw.get("model_type") != "chameleon"):
         raw = {**raw, "block_size": target_config.block_size, "cls_token_num": target_config.cls_token_num}
     cfg = DrafterConfig.from_dict(raw)
-    model = EagleDrafter(cfg)
     sd = load_folder_weights(path)
+    qn = sd.get("layers.0.self_attn.q_norm.weight")
+    if cfg.family == "chameleon" and qn is not None and cfg.qk_norm_rows is None:
+        cfg.qk_norm_rows = int(qn.shape[0])  # per-head (Anole) or per-shard (Lumina layout) norm rows
+    model = EagleDrafter(cfg)
     # the LANTERN drafter shares the target's embedding; some files omit it
     if "embed_tokens.weight" not in sd and target_config is not None:
         raise CheckpointError(f"{path}: drafter weights lack embed_tokens.weight")
