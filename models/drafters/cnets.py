@@ -140,10 +140,10 @@ class DrafterLayer(nn.Module):
     def __init__(self, cfg: DrafterConfig, index: int):
         super().__init__()
         chameleon = cfg.family == "chameleon"
-        if index != 0 or chameleon:  # LANTERN's Chameleon drafter keeps the input norm in layer 0 too
-            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = ChameleonDrafterAttention(cfg) if chameleon else DrafterAttention(cfg)
         self.mlp = DrafterMLP(cfg)
+        if index != 0 or chameleon:  # LANTERN's Chameleon drafter keeps the input norm in layer 0 too
+            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, freqs, mask, cache, layer, cache_pos, kv_len):
