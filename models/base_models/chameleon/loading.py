@@ -114,6 +114,7 @@ def load_chameleon_target(
                 del t
     check_state_dict(model, sd, str(folder))
     model.load_state_dict(sd, strict=True, assign=True)
+    model.requires_grad_(False)  # a frozen target: no autograd bookkeeping on 7 B parameters
     return model.eval()
 
 
