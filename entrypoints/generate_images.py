@@ -249,6 +249,9 @@ def _print_summary(stats: dict, items: list[tuple[int, str]]) -> None:
     tps = np.mean([r["tokens_per_second"] for r in rows])
     tau = np.mean([r["step_compression"] for r in rows])
     print(f"{len(rows)} images | mean latency {lat:.3f} s | {tps:.1f} tokens/s | mean step compression (tau) {tau:.2f}")
+    tau_img = [r["step_compression_image"] for r in rows if "step_compression_image" in r]
+    if tau_img and abs(float(np.mean(tau_img)) - tau) > 1e-9:  # forced tokens (Lumina's newlines) excluded
+        print(f"tau over image tokens only: {np.mean(tau_img):.2f}")
     if "acceptance_by_depth" in rows[0]:
         width = max(len(r["acceptance_by_depth"]) for r in rows)
         cols = [[r["acceptance_by_depth"][d] for r in rows if d < len(r["acceptance_by_depth"])] for d in range(width)]
