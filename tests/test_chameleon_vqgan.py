@@ -84,3 +84,21 @@ def test_preprocessing_resizes_crops_and_scales():
     assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1
     assert torch.allclose(x[:, 8, -1], torch.ones(3), atol=1e-6)  # right half: white
     assert float(x[0, 8, 0]) == pytest.approx(1.0) and float(x[1, 8, 0]) == pytest.approx(-1.0)
+
+
+def test_legacy_and_object_holding_checkpoints(tmp_path):
+    """Legacy (non-zip) files load without mmap; files with pickled objects stop with a way out."""
+    d = conformance_dir("chameleon_vqgan")
+    params = read_json(d / "config.json")["model.params"]
+    weights = load_io(d / "weights.safetensors")
+    write_vqgan_folder(tmp_path / "legacy", params, weights)
+    torch.save({"state_dict": weights}, tmp_path / "legacy" / "vqgan.ckpt", _use_new_zipfile_serialization=False)
+    assert load_chameleon_vqgan(tmp_path / "legacy").quantize.embedding.weight.shape == (64, 8)
+    write_vqgan_folder(tmp_path / "obj", params, weights)
+    torch.save({"state_dict": weights, "callbacks": _Opaque()}, tmp_path / "obj" / "vqgan.ckpt")
+    with pytest.raises(CheckpointError, match="weights_only=False"):
+        load_chameleon_vqgan(tmp_path / "obj")
+
+
+class _Opaque:
+    pass

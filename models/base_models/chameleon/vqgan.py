@@ -260,6 +260,26 @@ def vqgan_state_dict_from_checkpoint(obj: dict, source: str) -> dict[str, torch.
     return {k: v for k, v in sd.items() if not k.startswith("loss.")}
 
 
+def _read_ckpt(ckpt: Path) -> dict:
+    """``torch.load`` with tensors only (no arbitrary code), memory-mapped when the file format allows it."""
+    import pickle
+
+    try:
+        try:
+            return torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{ckpt} holds Python objects besides tensors, which are not unpickled for safety. If you trust the "
+            f"file, keep only its weights once: python -c \"import torch; p='{ckpt}'; "
+            f"torch.save({{'state_dict': torch.load(p, weights_only=False)['state_dict']}}, p)\"") from e
+    except Exception as e:  # noqa: BLE001 - name the file in any reading problem
+        raise CheckpointError(f"could not read {ckpt} as a PyTorch checkpoint: {e}") from e
+
+
 def load_chameleon_vqgan(
     folder_or_yaml: str | os.PathLike,
     device: torch.device | str = "cpu",
@@ -284,11 +304,7 @@ def load_chameleon_vqgan(
     if ckpt.suffix == ".safetensors":
         sd = load_weight_file(ckpt)
     else:
-        try:
-            obj = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001 - name the file in any unpickling problem
-            raise CheckpointError(f"could not read {ckpt} as a PyTorch checkpoint: {e}") from e
-        sd = vqgan_state_dict_from_checkpoint(obj, str(ckpt))
+        sd = vqgan_state_dict_from_checkpoint(_read_ckpt(ckpt), str(ckpt))
     check_state_dict(model, sd, str(ckpt))
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
     return model.to(device).eval()
