@@ -237,3 +237,17 @@ def test_image_token_ids_from_a_chameleon_vocabulary():
     assert image_token_ids_from_vocab({"<s>": 0}, 12) is None  # no image names: id = index + 4
     with pytest.raises(CheckpointError, match="names 12 image tokens"):
         image_token_ids_from_vocab(vocab, 16)
+
+
+def test_benchmark_runs_on_lumina(ckpts, tmp_path):
+    from entrypoints.benchmark import main
+
+    p = ckpts["lumina_mgpt"]
+    main(["--model", "lumina_mgpt", "--model_path", str(p["model"]), "--vq_path", str(p["vq"]), "--drafter_path",
+          str(p["drafter"]), "--codebook_path", str(p["codebook"]), "--image_size", str(IMAGE_SIZE), "--prompt",
+          "a red cat", "--num_images", "1", "--lantern_k", "8", "--settings", "ar", "lantern++:lam=3,tree=chain_3",
+          "--output_dir", str(tmp_path), "--device", "cpu"])
+    results = json.loads((tmp_path / "benchmark.json").read_text())
+    rows = results["results"] if isinstance(results, dict) else results
+    assert [r["setting"] for r in rows] == ["ar", "lantern++:lam=3,tree=chain_3"]
+    assert rows[1]["tau"] >= 1.0
