@@ -7,7 +7,9 @@ samples (the quality meter). Writes ``benchmark.json`` and ``benchmark.md`` to `
 
 Setting syntax: ``NAME[:key=value,...]`` with NAME in ar, eagle2 (dynamic tree, exact), eagle1 (static tree,
 exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta, lam, tree, top_k_draft, depth,
-total_token. Example: ``lantern:delta=0.2,k=20 lantern++:lam=5,tree=naive_extend_57``.
+total_token, budget (sibling | node), residual (exact | original | original_lumina). Example:
+``lantern:delta=0.2,k=20 lantern:delta=0.2,budget=node lantern++:lam=5,tree=naive_extend_57``.
+The per-node TVD columns are the realised shift of the emitted tokens (``VerifyResult.node_tvd``).
 """
 
 from __future__ import annotations
@@ -71,16 +73,28 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     for key in ("top_k_draft", "depth", "total_token"):
         if key in opts:
             out[key] = int(opts.pop(key))
+    for key in ("budget", "residual"):  # relaxation variants (models/drafters/acceptance.py)
+        if key in opts:
+            out[key] = opts.pop(key)
     if opts:
         raise ValueError(f"unknown options {sorted(opts)} in {text!r}")
     if name == "lantern" and "delta" not in out:
         raise ValueError(f"{text!r}: lantern needs delta=...")
     if name == "lantern++" and "lam" not in out:
         raise ValueError(f"{text!r}: lantern++ needs lam=...")
+    if ("budget" in out or "residual" in out) and not name.startswith("lantern"):
+        raise ValueError(f"{text!r}: budget / residual apply to lantern and lantern++ only")
+    if name.startswith("lantern"):  # the rule's own checks (values, budget=node needs delta), before any model loads
+        from models.drafters.acceptance import AcceptConfig
+
+        AcceptConfig(relax=name, k=out["k"], delta=out.get("delta"), lam=out.get("lam"),
+                     budget=out.get("budget", "sibling"), residual=out.get("residual", "exact"))
     return out
 
 
 def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, neighbours):
+    from dataclasses import replace
+
     from models.drafters.acceptance import AcceptConfig
     from models.drafters.choices import get_tree_choices
     from models.ea_model import SpeculativeDecoder, TreeConfig
@@ -92,10 +106,12 @@ def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, ne
         accept = AcceptConfig(relax="lantern", k=setting["k"], delta=setting["delta"])
     elif name == "lantern++":
         accept = AcceptConfig(relax="lantern++", k=setting["k"], lam=setting["lam"])
+    if accept.enabled:
+        accept = replace(accept, budget=setting.get("budget", "sibling"), residual=setting.get("residual", "exact"))
     kw = {k: setting[k] for k in ("top_k_draft", "depth", "total_token") if k in setting}
     choices = tuple(tuple(c) for c in get_tree_choices(setting["tree"])) if static else None
     tree = TreeConfig(static_choices=choices, **kw)
-    nb = neighbours[:, : setting["k"]] if accept.enabled else None
+    nb = neighbours[:, : accept.table_columns] if accept.enabled else None
     return SpeculativeDecoder(family.target, drafter, family.num_image_tokens, sampling, cfg_scale, accept, tree, nb,
                               family.allowed_tokens)
 
@@ -127,7 +143,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if any(s["name"] != "ar" for s in settings):
         drafter = load_drafter(resolve_path(spec, "drafter", args.drafter_path), device, dtype, family.target.config)
     if any(s["name"].startswith("lantern") for s in settings):
-        k = max(s["k"] for s in settings)
+        k = max(s["k"] + (s.get("residual", "exact") != "exact") for s in settings)  # original: k+1 columns
         neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=k).to(device)
     from entrypoints.generate_images import default_prompt
 
@@ -153,7 +169,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
         one(0)  # warm-up, not timed
         lat, taus, fwd, toks = [], [], [], []
-        depth_acc = []
+        depth_acc, tvd_mean, tvd_max = [], [], []
         for i in tqdm(range(len(prompts)), desc=setting["label"], unit="img", leave=False):
             tokens, st = one(i)
             lat.append(st.latency)
@@ -162,9 +178,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             toks.append(tokens)
             if "acceptance_by_depth" in st.extra:
                 depth_acc.append(st.extra["acceptance_by_depth"])
+            if "node_tvd_mean" in st.extra:
+                tvd_mean.append(st.extra["node_tvd_mean"])
+                tvd_max.append(st.extra["node_tvd_max"])
         tokens = torch.cat(toks)
         row = {"setting": setting["label"], "tau": statistics.mean(taus), "latency_s": statistics.mean(lat),
                "target_forwards": statistics.mean(fwd)}
+        if tvd_mean:  # every image has the same number of tokens: the mean of means is the per-token mean
+            row["node_tvd_mean"], row["node_tvd_max"] = statistics.mean(tvd_mean), max(tvd_max)
         if classifier is not None:
             images = family.decode_images(tokens) * 2 - 1
             pred = classifier.classify(images).cpu()
@@ -195,13 +216,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def _markdown(results: list[dict]) -> str:
     has_acc = any("accuracy" in r for r in results)
     head = "| setting | τ | latency (s) | speed-up vs AR | target forwards |" + (" accuracy |" if has_acc else "")
-    sep = "|---|---|---|---|---|" + ("---|" if has_acc else "")
+    head += " node TVD mean / max |"
+    sep = "|---|---|---|---|---|" + ("---|" if has_acc else "") + "---|"
     lines = [head, sep]
     for r in results:
         sp = f"{r['speedup_vs_ar']:.2f}×" if r.get("speedup_vs_ar") else "—"
         line = f"| {r['setting']} | {r['tau']:.2f} | {r['latency_s']:.3f} | {sp} | {r['target_forwards']:.1f} |"
         if has_acc:
             line += f" {100 * r['accuracy']:.0f} % |"
+        line += f" {r['node_tvd_mean']:.3f} / {r['node_tvd_max']:.3f} |" if "node_tvd_mean" in r else " — |"
         lines.append(line)
     return "\n".join(lines)
 

@@ -82,6 +82,12 @@ def parse_args() -> argparse.ArgumentParser:
                    help="unambiguous LANTERN: TVD budget delta in [0, 1] (implies --lantern)")
     g.add_argument("--lantern_lambda", type=float, default=None,
                    help="unambiguous LANTERN++: ratio bound lambda >= 1 (implies --lantern)")
+    g.add_argument("--lantern_budget", default="sibling", choices=["sibling", "node"],
+                   help="LANTERN's delta per sibling test (the original) or per node: sibling j gets "
+                   "(delta - shift spent by earlier siblings) / P(reach j), so a node's TVD stays <= delta")
+    g.add_argument("--lantern_residual", default="exact", choices=["exact", "original", "original_lumina"],
+                   help="residual after a relaxed rejection: the exact speculative one, or the original code's "
+                   "(LlamaGen/Anole; original_lumina: its Lumina-mGPT static-tree variant) to compare with the paper")
     g.add_argument("--static_tree", action="store_true", help="static tree of sampled drafts (EAGLE-1 style, LANTERN++)")
     g.add_argument("--tree_choices", default=None,
                    help="static tree: a named choice list (mc_sim_7b_63, naive_extend_57, chain_<n>) or a JSON list of "

@@ -22,7 +22,7 @@ target features) and its logits are combined with the same scale as the target's
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -221,7 +221,7 @@ class SpeculativeDecoder:
         pend_feat = hidden
         pend_ids = torch.cat([torch.zeros(t - 1, dtype=torch.long, device=dev), root.view(1)])[None]
         dlen = 0
-        accept_lengths, attempted, accepted = [], None, None
+        accept_lengths, attempted, accepted, tvds = [], None, None, []
         forwards = 1
         greedy = self.sampling.greedy
         while n_out < n_tok:
@@ -250,6 +250,7 @@ class SpeculativeDecoder:
             out.append(new)
             n_out += new.numel()
             accept_lengths.append(res.accept_len)
+            tvds.append(res.node_tvd)
             attempted = res.attempted_per_depth if attempted is None else _add_padded(attempted, res.attempted_per_depth)
             accepted = res.accepted_per_depth if accepted is None else _add_padded(accepted, res.accepted_per_depth)
             pend_feat, pend_ids = h_t[:, res.path], new[None]
@@ -265,8 +266,17 @@ class SpeculativeDecoder:
             "step_compression": float(sum(taus) / len(taus)) if taus else 1.0,
             "acceptance_by_depth": by_depth,
             "accept_lengths": accept_lengths,
+            **_tvd_summary(tvds, n_tok - 1),
         }
         return tokens, GenerationStats(latency, n_tok, forwards, extra)
+
+
+def _tvd_summary(tvds: list, n: int) -> dict:
+    """Mean / max realised per-node TVD (``VerifyResult.node_tvd``) over the first n verified tokens."""
+    vals = torch.cat([t for t in tvds if t is not None])[:n] if any(t is not None for t in tvds) else None
+    if vals is None or vals.numel() == 0:
+        return {}
+    return {"node_tvd_mean": float(vals.double().mean()), "node_tvd_max": float(vals.max())}
 
 
 def _add_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -294,9 +304,13 @@ def build_speculative_decoder(family, args, sampling: SamplingConfig, cfg_scale:
         accept = AcceptConfig(relax="lantern++", k=args.lantern_k, lam=args.lantern_lambda)
     else:
         accept = AcceptConfig.from_original_flags(args.lantern, args.lantern_k, args.lantern_delta)
+    if accept.enabled:  # --lantern_budget / --lantern_residual (issue 13)
+        accept = replace(accept, budget=getattr(args, "lantern_budget", "sibling"),
+                         residual=getattr(args, "lantern_residual", "exact"))
     neighbours = None
     if accept.enabled:
-        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.k).to(param.device)
+        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path),
+                                          k=accept.table_columns).to(param.device)
     static = args.static_tree or args.eagle_version == 1
     choices = tuple(tuple(c) for c in get_tree_choices(args.tree_choices)) if static else None
     tree = TreeConfig(static_choices=choices, top_k_draft=args.top_k_draft, depth=args.depth,
