@@ -254,6 +254,9 @@ def _print_summary(stats: dict, items: list[tuple[int, str]]) -> None:
         cols = [[r["acceptance_by_depth"][d] for r in rows if d < len(r["acceptance_by_depth"])] for d in range(width)]
         rates = [np.mean([v for v in c if v == v]) if any(v == v for v in c) else float("nan") for c in cols]
         print("acceptance rate by depth: " + ", ".join(f"d{d + 1} {r:.2f}" for d, r in enumerate(rates)))
+    if "node_tvd_mean" in rows[0]:  # the realised shift from the target per emitted token (exact per node)
+        print(f"node TVD from the target: mean {np.mean([r['node_tvd_mean'] for r in rows]):.3f}, "
+              f"max {max(r['node_tvd_max'] for r in rows):.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -507,3 +507,35 @@ def test_stated_detectable_tvds():
     assert smallest_detectable_tvd(N_SIBLING, 12) == pytest.approx(0.0095, abs=0.0005)
     assert smallest_detectable_tvd(N_TREE, 40) == pytest.approx(0.12, abs=0.01)
     assert smallest_detectable_tvd(N_TREE_SLOW, 40) == pytest.approx(0.038, abs=0.003)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine reports the realised shift
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_engine_reports_node_tvd():
+    """GenerationStats carries the mean / max per-token TVD; ≤ δ with the node budget, 0 when exact."""
+    from test_engine import _prefix, _random_drafter, _tiny_target
+
+    from models.ea_model import SpeculativeDecoder, TreeConfig
+    from models.sampling import SamplingConfig
+
+    target = _tiny_target()
+    prefix = _prefix(target, torch.tensor([0]), torch.ones(1, 1, dtype=torch.bool), 2.0)
+    neighbours = torch.tensor([[1, 2, 3], [0, 2, 3], [3, 1, 0], [2, 0, 1]])
+    drafter = _random_drafter(target, seed=3)
+    tree = TreeConfig(top_k_draft=3, depth=3, total_token=10)
+    stats = {}
+    for name, acc in {"exact": AcceptConfig(), "sibling": AcceptConfig(relax="lantern", k=2, delta=0.2),
+                      "node": AcceptConfig(relax="lantern", k=2, delta=0.2, budget="node"),
+                      "original": AcceptConfig(relax="lantern", k=2, delta=0.2, residual="original")}.items():
+        nb = neighbours[:, : acc.table_columns] if acc.enabled else None
+        dec = SpeculativeDecoder(target, drafter, 4, SamplingConfig(), 2.0, accept=acc, tree=tree, neighbours=nb)
+        gen = torch.Generator().manual_seed(0)
+        runs = [dec.generate(prefix, gen)[1].extra for _ in range(30)]
+        stats[name] = (max(r.get("node_tvd_max", 0.0) for r in runs), sum(r.get("node_tvd_mean", 0.0) for r in runs))
+    assert stats["exact"] == (0.0, 0.0)
+    assert 0.0 < stats["node"][0] <= 0.2 + 1e-6
+    assert stats["sibling"][1] > 0.0
+    assert stats["original"][1] > 0.0
