@@ -39,8 +39,8 @@ acceptance probability of sibling l, c*_j = p̃_j(x_j) − r_j(x_j) the mass mov
     loop), so Σ_j R_j·c*_j ≤ δ: **TVD(O, p) ≤ δ at every node by construction**.
   - LANTERN++ (λ): c*_j ≤ (λ−1)·r_j(x_j), so O(x_j) = R_j·p̃_j(x_j) ≤ λ·R_j·r_j(x_j) = λ·p(x_j) and O(y) ≤ p(y)
     elsewhere: **O(y) ≤ λ·p(y) for every y holds for the whole node with the per-sibling rule** — that is the
-    node-level λ rule, nothing to carry over (hence ``budget="node"`` is refused with λ). Its TVD is
-    Σ_j R_j·c*_j ≤ (λ−1)·Σ_j p(x_j).
+    node-level λ rule, nothing to carry over, so ``budget="node"`` with λ is the same rule as ``"sibling"``.
+    Its TVD is Σ_j R_j·c*_j ≤ (λ−1)·Σ_j p(x_j).
 * static tree (children sampled from Q): the relaxed target P̃_x depends on the drawn x, so the stage's
   marginal output is no longer P̃ of anything and **neither budget bounds the node's TVD** (exact enumeration
   over the draws finds TVD > 2.5·δ for a single child, and the same worst cases with ``budget="node"``, which
@@ -110,7 +110,7 @@ class AcceptConfig:
         delta: TVD budget δ in [0, 1] for ``"lantern"``.
         lam: ratio bound λ ≥ 1 for ``"lantern++"``.
         budget: ``"sibling"`` (δ per sibling test, the original) or ``"node"`` (δ for the whole node: sibling j
-            gets (δ − Σ_{l<j} R_l·c*_l) / R_j); LANTERN only.
+            gets (δ − Σ_{l<j} R_l·c*_l) / R_j). With λ both are the same rule (it bounds the node already).
         residual: ``"exact"`` (the speculative residual of P̃), ``"original"`` / ``"original_lumina"`` (the
             original code's residuals, see the module docstring).
     """
@@ -129,10 +129,6 @@ class AcceptConfig:
             raise ValueError(f"unknown residual {self.residual!r}; choose one of {', '.join(RESIDUALS)}")
         if self.relax is None:
             return
-        if self.relax == "lantern++" and self.budget == "node":
-            raise ValueError("budget='node' is a TVD budget for LANTERN (delta); LANTERN++ (lam) bounds the ratio "
-                             "p~(x)/p(x), which on dynamic trees already holds for the whole node (see the module "
-                             "docstring): use budget='sibling' with lam")
         if self.k < 1:
             raise ValueError("relaxed acceptance needs k >= 1 neighbours")
         if self.relax == "lantern":
