@@ -7,8 +7,8 @@ samples (the quality meter). Writes ``benchmark.json`` and ``benchmark.md`` to `
 
 Setting syntax: ``NAME[:key=value,...]`` with NAME in ar, eagle2 (dynamic tree, exact), eagle1 (static tree,
 exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta, lam, tree, top_k_draft, depth,
-total_token, budget (sibling | node), residual (exact | original | original_lumina). Example:
-``lantern:delta=0.2,k=20 lantern:delta=0.2,budget=node lantern++:lam=5,tree=naive_extend_57``.
+total_token, budget (node, the default | sibling), residual (exact | original | original_lumina). Example:
+``lantern:delta=0.2,k=20 lantern:delta=0.2,budget=sibling lantern++:lam=5,tree=naive_extend_57``.
 The per-node TVD columns are the realised shift of the emitted tokens (``VerifyResult.node_tvd``).
 """
 
@@ -27,6 +27,7 @@ from tqdm import tqdm
 from entrypoints.common import add_device_args, load_prompts, resolve_device, resolve_dtype, run_cli
 from models.registry import MODELS, REPO_ROOT
 
+DEFAULT_BUDGET = "node"  # LANTERN's δ bounds each node's shift (as generate_images --lantern_budget); see README
 DEFAULT_SETTINGS = [
     "ar", "eagle2", "lantern:delta=0.1", "lantern:delta=0.2", "lantern:delta=0.4",
     "eagle1", "lantern++:lam=2", "lantern++:lam=5", "lantern++:lam=10", "lantern++:lam=20",
@@ -84,11 +85,11 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
         raise ValueError(f"{text!r}: lantern++ needs lam=...")
     if ("budget" in out or "residual" in out) and not name.startswith("lantern"):
         raise ValueError(f"{text!r}: budget / residual apply to lantern and lantern++ only")
-    if name.startswith("lantern"):  # the rule's own checks (values, budget=node needs delta), before any model loads
+    if name.startswith("lantern"):  # the rule's own checks of the values, before any model loads
         from models.drafters.acceptance import AcceptConfig
 
         AcceptConfig(relax=name, k=out["k"], delta=out.get("delta"), lam=out.get("lam"),
-                     budget=out.get("budget", "sibling"), residual=out.get("residual", "exact"))
+                     budget=out.get("budget", DEFAULT_BUDGET), residual=out.get("residual", "exact"))
     return out
 
 
@@ -107,7 +108,7 @@ def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, ne
     elif name == "lantern++":
         accept = AcceptConfig(relax="lantern++", k=setting["k"], lam=setting["lam"])
     if accept.enabled:
-        accept = replace(accept, budget=setting.get("budget", "sibling"), residual=setting.get("residual", "exact"))
+        accept = replace(accept, budget=setting.get("budget", DEFAULT_BUDGET), residual=setting.get("residual", "exact"))
     kw = {k: setting[k] for k in ("top_k_draft", "depth", "total_token") if k in setting}
     choices = tuple(tuple(c) for c in get_tree_choices(setting["tree"])) if static else None
     tree = TreeConfig(static_choices=choices, **kw)

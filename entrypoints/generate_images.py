@@ -82,9 +82,10 @@ def parse_args() -> argparse.ArgumentParser:
                    help="unambiguous LANTERN: TVD budget delta in [0, 1] (implies --lantern)")
     g.add_argument("--lantern_lambda", type=float, default=None,
                    help="unambiguous LANTERN++: ratio bound lambda >= 1 (implies --lantern)")
-    g.add_argument("--lantern_budget", default="sibling", choices=["sibling", "node"],
-                   help="LANTERN's delta per sibling test (the original) or per node: sibling j gets "
-                   "(delta - shift spent by earlier siblings) / P(reach j), so a node's TVD stays <= delta")
+    g.add_argument("--lantern_budget", default="node", choices=["sibling", "node"],
+                   help="LANTERN's delta per node (sibling j gets (delta - shift spent by earlier siblings) / "
+                   "P(reach j), so a node's TVD stays <= delta on dynamic trees) or per sibling test (the paper's "
+                   "and the original's rule; a node with c children shifts up to c*delta)")
     g.add_argument("--lantern_residual", default="exact", choices=["exact", "original", "original_lumina"],
                    help="residual after a relaxed rejection: the exact speculative one, or the original code's "
                    "(LlamaGen/Anole; original_lumina: its Lumina-mGPT static-tree variant) to compare with the paper")

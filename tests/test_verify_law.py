@@ -541,3 +541,28 @@ def test_engine_reports_node_tvd():
     assert 0.0 < stats["node"][0] <= 0.2 + 1e-6
     assert stats["sibling"][1] > 0.0
     assert stats["original"][1] > 0.0
+
+
+@pytest.mark.parametrize("flags,budget,residual,columns", [
+    (["--lantern", "--lantern_delta", "0.2"], "node", "exact", 20),  # the command line's default budget
+    (["--lantern_tvd", "0.2", "--lantern_budget", "sibling"], "sibling", "exact", 20),
+    (["--lantern_tvd", "0.2", "--lantern_residual", "original"], "node", "original", 21),  # k+1 columns
+    (["--lantern_lambda", "5", "--lantern_residual", "original_lumina", "--static_tree"], "node", "original_lumina", 21),
+])
+def test_generate_images_flags_reach_the_rule(flags, budget, residual, columns):
+    from entrypoints.benchmark import parse_setting
+    from entrypoints.generate_images import parse_args, resolve_defaults
+    from models.ea_model import build_speculative_decoder
+    from models.registry import load_family
+    from models.sampling import SamplingConfig
+
+    args = resolve_defaults(parse_args().parse_args(["--model", "demo", "--model_type", "eagle", "--lantern_k", "20",
+                                                     *flags]))
+    dec = build_speculative_decoder(load_family("demo"), args, SamplingConfig(), 4.0)
+    assert (dec.accept.budget, dec.accept.residual) == (budget, residual)
+    assert dec.neighbours.shape[1] == columns
+    assert parse_setting("lantern:delta=0.2,budget=sibling,residual=original", 20, "mc_sim_7b_63")["residual"] == "original"
+    with pytest.raises(ValueError, match="budget"):
+        parse_setting("lantern:delta=0.2,budget=tree", 20, "mc_sim_7b_63")
+    with pytest.raises(ValueError, match="lantern"):
+        parse_setting("eagle2:budget=node", 20, "mc_sim_7b_63")
