@@ -566,3 +566,17 @@ def test_generate_images_flags_reach_the_rule(flags, budget, residual, columns):
         parse_setting("lantern:delta=0.2,budget=tree", 20, "mc_sim_7b_63")
     with pytest.raises(ValueError, match="lantern"):
         parse_setting("eagle2:budget=node", 20, "mc_sim_7b_63")
+
+
+def test_static_relaxation_is_not_bounded_by_delta():
+    """What the docs say is *not* guaranteed: one sampled child, marginal law over its draw (exact), TVD ≫ δ."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, cfg, worst = 6, AcceptConfig(relax="lantern", k=3, delta=0.2), 0.0
+    for _ in range(300):
+        p = torch.softmax(3 * float(torch.rand(1, generator=gen)) * torch.randn(vocab, generator=gen, dtype=F64), 0)
+        q = torch.softmax(3 * float(torch.rand(1, generator=gen)) * torch.randn(vocab, generator=gen, dtype=F64), 0)
+        nb = torch.stack([(lambda perm: perm[perm != i])(torch.randperm(vocab, generator=gen)) for i in range(vocab)])
+        laws = sibling_output_law(p.expand(vocab, -1), torch.arange(vocab)[:, None], cfg, nb, q.expand(vocab, -1))
+        marginal = (q[:, None] * laws).sum(0)  # child x drawn with probability Q(x)
+        worst = max(worst, 0.5 * float((marginal - p).abs().sum()))
+    assert worst > 2 * cfg.delta
