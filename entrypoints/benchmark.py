@@ -5,6 +5,11 @@ the same run, target forwards per image and — for the built-in demo — the di
 samples (the quality meter). Writes ``benchmark.json`` and ``benchmark.md`` to ``--output_dir``.
 ``--verify_cost`` instead times one target forward over a draft tree of n nodes against one AR step.
 
+Throughput: ``--batch_size 1 4 16`` decodes the prompts B at a time (batched AR and batched speculative decoding)
+and reports images/s and tokens/s per setting and batch size, with τ per prompt. Every batch of prompts runs
+each setting in turn (interleaved), so a machine whose load changes during the run affects all settings alike;
+the speed-up column compares each setting with plain AR at the same batch size.
+
 Setting syntax: ``NAME[:key=value,...]`` with NAME in ar, eagle2 (dynamic tree, exact), eagle1 (static tree,
 exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta, lam, tree, top_k_draft, depth,
 total_token, budget (node, the default | sibling), residual (exact | original | original_lumina). Example:
@@ -24,7 +29,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from entrypoints.common import add_device_args, load_prompts, resolve_device, resolve_dtype, run_cli
+from entrypoints.common import (
+    UserError,
+    add_device_args,
+    apply_threads,
+    load_prompts,
+    resolve_device,
+    resolve_dtype,
+    run_cli,
+)
+from entrypoints.outputs import check_output_dir
+from entrypoints.validation import check_counts, parse_number, validate_benchmark_setting, validate_sampling_args
 from models.registry import MODELS, REPO_ROOT
 
 DEFAULT_BUDGET = "node"  # LANTERN's δ bounds each node's shift (as generate_images --lantern_budget); see README
@@ -57,7 +72,8 @@ def parse_args() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="runs/benchmark")
     p.add_argument("--save_images", action="store_true", help="save a PNG grid per setting")
     p.add_argument("--verify_cost", action="store_true", help="time tree verification vs one AR step instead")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--batch_size", type=int, nargs="+", default=[1],
+                   help="prompts per batch; several values give one row per setting and batch size")
     add_device_args(p)
     return p
 
@@ -66,14 +82,19 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     name, _, rest = text.partition(":")
     if name not in ("ar", "eagle2", "eagle1", "lantern", "lantern++"):
         raise ValueError(f"unknown setting {name!r} in {text!r}")
+    bad = [kv for kv in rest.split(",") if kv and "=" not in kv]
+    if bad:
+        raise UserError(f"setting {text!r}: options are key=value, got {bad}")
     opts = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
-    out = {"label": text, "name": name, "k": int(opts.pop("k", default_k)), "tree": opts.pop("tree", default_tree)}
+    what = f"setting {text!r}"
+    out = {"label": text, "name": name, "k": parse_number(str(opts.pop("k", default_k)), int, f"{what} k"),
+           "tree": opts.pop("tree", default_tree)}
     for key in ("delta", "lam"):
         if key in opts:
-            out[key] = float(opts.pop(key))
+            out[key] = parse_number(opts.pop(key), float, f"{what} {key}")
     for key in ("top_k_draft", "depth", "total_token"):
         if key in opts:
-            out[key] = int(opts.pop(key))
+            out[key] = parse_number(opts.pop(key), int, f"{what} {key}")
     for key in ("budget", "residual"):  # relaxation variants (models/drafters/acceptance.py)
         if key in opts:
             out[key] = opts.pop(key)
@@ -85,6 +106,7 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
         raise ValueError(f"{text!r}: lantern++ needs lam=...")
     if ("budget" in out or "residual" in out) and not name.startswith("lantern"):
         raise ValueError(f"{text!r}: budget / residual apply to lantern and lantern++ only")
+    validate_benchmark_setting(out)
     if name.startswith("lantern"):  # the rule's own checks of the values, before any model loads
         from models.drafters.acceptance import AcceptConfig
 
@@ -145,7 +167,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         drafter = load_drafter(resolve_path(spec, "drafter", args.drafter_path), device, dtype, family.target.config)
     if any(s["name"].startswith("lantern") for s in settings):
         k = max(s["k"] + (s.get("residual", "exact") != "exact") for s in settings)  # original: k+1 columns
-        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=k).to(device)
+        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=k,
+                                          num_codes=getattr(family, "num_codes", None)).to(device)
     from entrypoints.generate_images import default_prompt
 
     prompt = args.prompt or default_prompt(args.model)[0]
@@ -156,52 +179,65 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    decoders = {s["label"]: None if s["name"] == "ar" else build_decoder(family, drafter, s, sampling, cfg_scale,
+                                                                         neighbours) for s in settings}
+
+    def one(label: str, chunk: list[int]):
+        gens = [torch.Generator(device=device).manual_seed(args.random_seed + i) for i in chunk]
+        prefix = family.build_prefix([prompts[i] for i in chunk], cfg_scale)
+        if decoders[label] is None:
+            return generate_ar(family.target, prefix, family.num_image_tokens, sampling, gens, family.allowed_tokens)
+        return decoders[label].generate(prefix, gens)
+
     results = []
-    for setting in settings:
-        decoder = None if setting["name"] == "ar" else build_decoder(family, drafter, setting, sampling, cfg_scale,
-                                                                     neighbours)
+    for bs in args.batch_size:
+        chunks = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
+        for s in settings:
+            one(s["label"], chunks[0])  # warm-up, not timed
+        acc = {s["label"]: {"time": 0.0, "taus": [], "fwd": [], "toks": [], "depth": [], "tvd_mean": [], "tvd_max": []}
+               for s in settings}
+        for chunk in tqdm(chunks, desc=f"batch {bs}", unit="batch", leave=False):
+            for s in settings:  # interleaved: every batch of prompts runs every setting
+                tokens, st = one(s["label"], chunk)
+                a = acc[s["label"]]
+                a["time"] += st.latency
+                a["toks"].append(tokens)
+                per = st.extra.get("per_prompt", [{"step_compression": 1.0, "target_forwards": st.target_forwards}]
+                                   * len(chunk))
+                a["taus"] += [p["step_compression"] for p in per]
+                a["fwd"] += [p["target_forwards"] for p in per]
+                a["depth"] += [p["acceptance_by_depth"] for p in per if "acceptance_by_depth" in p]
+                a["tvd_mean"] += [p["node_tvd_mean"] for p in per if "node_tvd_mean" in p]
+                a["tvd_max"] += [p["node_tvd_max"] for p in per if "node_tvd_max" in p]
+        for s in settings:
+            a = acc[s["label"]]
+            tokens = torch.cat(a["toks"])
+            row = {"setting": s["label"], "batch_size": bs, "tau": statistics.mean(a["taus"]),
+                   "latency_s": a["time"] / len(prompts), "images_per_s": len(prompts) / a["time"],
+                   "tokens_per_s": len(prompts) * family.num_image_tokens / a["time"],
+                   "target_forwards": statistics.mean(a["fwd"])}
+            if a["tvd_mean"]:  # every image has the same number of tokens: the mean of means is per token
+                row["node_tvd_mean"], row["node_tvd_max"] = statistics.mean(a["tvd_mean"]), max(a["tvd_max"])
+            if classifier is not None:
+                images = family.decode_images(tokens) * 2 - 1
+                pred = classifier.classify(images).cpu()
+                row["accuracy"] = float((pred == labels).float().mean())
+                from models.evaluation import demo_quality  # + demo-FID, precision / recall vs the bundled digits
 
-        def one(i: int, decoder=decoder):
-            gen = torch.Generator(device=device).manual_seed(args.random_seed + i)
-            prefix = family.build_prefix([prompts[i]], cfg_scale)
-            if decoder is None:
-                return generate_ar(family.target, prefix, family.num_image_tokens, sampling, gen, family.allowed_tokens)
-            return decoder.generate(prefix, gen)
+                row.update(demo_quality(classifier, images, labels))
+            if a["depth"]:
+                width = max(len(d) for d in a["depth"])
+                cols = [[d[j] for d in a["depth"] if j < len(d) and d[j] == d[j]] for j in range(width)]
+                row["acceptance_by_depth"] = [statistics.mean(c) if c else None for c in cols]
+            if args.save_images:
+                from torchvision.utils import save_image
 
-        one(0)  # warm-up, not timed
-        lat, taus, fwd, toks = [], [], [], []
-        depth_acc, tvd_mean, tvd_max = [], [], []
-        for i in tqdm(range(len(prompts)), desc=setting["label"], unit="img", leave=False):
-            tokens, st = one(i)
-            lat.append(st.latency)
-            taus.append(st.extra.get("step_compression", 1.0))
-            fwd.append(st.target_forwards)
-            toks.append(tokens)
-            if "acceptance_by_depth" in st.extra:
-                depth_acc.append(st.extra["acceptance_by_depth"])
-            if "node_tvd_mean" in st.extra:
-                tvd_mean.append(st.extra["node_tvd_mean"])
-                tvd_max.append(st.extra["node_tvd_max"])
-        tokens = torch.cat(toks)
-        row = {"setting": setting["label"], "tau": statistics.mean(taus), "latency_s": statistics.mean(lat),
-               "target_forwards": statistics.mean(fwd)}
-        if tvd_mean:  # every image has the same number of tokens: the mean of means is the per-token mean
-            row["node_tvd_mean"], row["node_tvd_max"] = statistics.mean(tvd_mean), max(tvd_max)
-        if classifier is not None:
-            images = family.decode_images(tokens) * 2 - 1
-            pred = classifier.classify(images).cpu()
-            row["accuracy"] = float((pred == labels).float().mean())
-        if depth_acc:
-            width = max(len(a) for a in depth_acc)
-            cols = [[a[j] for a in depth_acc if j < len(a) and a[j] == a[j]] for j in range(width)]
-            row["acceptance_by_depth"] = [statistics.mean(c) if c else None for c in cols]
-        if args.save_images:
-            from torchvision.utils import save_image
-
-            save_image(family.decode_images(tokens), out / f"{setting['label'].replace(':', '_')}.png", nrow=10)
-        results.append(row)
-    base = next((r["latency_s"] for r in results if r["setting"] == "ar"), None)
-    for r in results:
+                name = s["label"].replace(":", "_") + ("" if args.batch_size == [1] else f"_b{bs}")
+                save_image(family.decode_images(tokens), out / f"{name}.png", nrow=10)
+            results.append(row)
+    for r in results:  # against plain AR at the same batch size
+        base = next((b["latency_s"] for b in results if b["setting"] == "ar" and b["batch_size"] == r["batch_size"]),
+                    None)
         r["speedup_vs_ar"] = base / r["latency_s"] if base else None
     report = {"model": args.model, "num_images": len(prompts), "device": str(device), "dtype": str(dtype),
               "threads": torch.get_num_threads(), "sampling": vars(sampling), "cfg": cfg_scale,
@@ -210,19 +246,28 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     (out / "benchmark.json").write_text(json.dumps(report, indent=2))
     table = _markdown(results)
     (out / "benchmark.md").write_text(table + "\n")
+    from models.plots import write_csv, write_plots
+
+    write_csv(results, out)
+    if len(args.batch_size) > 1:  # one point per setting and batch size in the figures
+        plotted = [{**r, "setting": f"{r['setting']} (B={r['batch_size']})"} for r in results]
+    else:
+        plotted = results
+    write_plots(plotted, out, title=f"{args.model}, {len(prompts)} images per setting")
     print(table)
     return report
 
 
 def _markdown(results: list[dict]) -> str:
     has_acc = any("accuracy" in r for r in results)
-    head = "| setting | τ | latency (s) | speed-up vs AR | target forwards |" + (" accuracy |" if has_acc else "")
-    head += " node TVD mean / max |"
-    sep = "|---|---|---|---|---|" + ("---|" if has_acc else "") + "---|"
+    head = ("| setting | batch | τ | latency (s / image) | images/s | tokens/s | speed-up vs AR (same batch) | "
+            "target forwards |") + (" accuracy |" if has_acc else "") + " node TVD mean / max |"
+    sep = "|---|---|---|---|---|---|---|---|" + ("---|" if has_acc else "") + "---|"
     lines = [head, sep]
     for r in results:
         sp = f"{r['speedup_vs_ar']:.2f}×" if r.get("speedup_vs_ar") else "—"
-        line = f"| {r['setting']} | {r['tau']:.2f} | {r['latency_s']:.3f} | {sp} | {r['target_forwards']:.1f} |"
+        line = (f"| {r['setting']} | {r['batch_size']} | {r['tau']:.2f} | {r['latency_s']:.3f} | "
+                f"{r['images_per_s']:.2f} | {r['tokens_per_s']:.0f} | {sp} | {r['target_forwards']:.1f} |")
         if has_acc:
             line += f" {100 * r['accuracy']:.0f} % |"
         line += f" {r['node_tvd_mean']:.3f} / {r['node_tvd_max']:.3f} |" if "node_tvd_mean" in r else " — |"
@@ -281,10 +326,18 @@ def run_verify_cost(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    validate_sampling_args(args)
+    check_counts(args, {"num_images": 1, "lantern_k": 1})
+    check_output_dir(args.output_dir)
+    apply_threads(args.threads)
     for s in args.settings:  # fail fast on a typo
         parse_setting(s, args.lantern_k, args.tree_choices)
+    from models.drafters.choices import get_tree_choices
+
+    for tree in {parse_setting(s, args.lantern_k, args.tree_choices)["tree"] for s in args.settings}:
+        get_tree_choices(tree)  # a bad tree name fails now, not after the first settings ran
+    if min(args.batch_size) < 1:
+        raise UserError(f"--batch_size must be >= 1, got {min(args.batch_size)}")
     if args.verify_cost:
         run_verify_cost(args)
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,11 +21,14 @@ from tqdm import tqdm
 from entrypoints.common import (
     UserError,
     add_device_args,
+    apply_threads,
     load_prompts,
     resolve_device,
     resolve_dtype,
     run_cli,
 )
+from entrypoints.outputs import OutputLock, check_output_dir, check_same_settings, finished_from_other_ranges
+from entrypoints.validation import validate_generate_args
 from models.checkpoints import write_json_atomic
 from models.distributed import ProcessContext
 from models.registry import MODELS
@@ -63,6 +67,9 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="generated_images", help="where images and statistics go")
     g.add_argument("--save_tokens", action="store_true", help="also save the generated token ids (prompt_{idx}_tokens.npy)")
     g.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
+    g.add_argument("--batch_size", type=int, default=1,
+                   help="prompts decoded together (2x rows with CFG), for base and eagle; with --set_seed an image's "
+                   "tokens do not depend on it")
 
     g = p.add_argument_group("sampling")
     g.add_argument("--set_seed", action="store_true", help="make the run reproducible (image idx uses seed random_seed+idx)")
@@ -70,7 +77,8 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: the model's")
     g.add_argument("--top_k", type=int, default=None, help="0 = off; default: the model's")
     g.add_argument("--top_p", type=float, default=None, help="1 = off; default: the model's")
-    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off); default: the model's")
+    g.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale; <= 1 = off (as in LlamaGen); default: the model's")
 
     g = p.add_argument_group("speculative decoding (--model_type eagle)")
     g.add_argument("--lantern", action="store_true", help="relaxed acceptance over latent neighbourhoods (LANTERN / LANTERN++)")
@@ -112,6 +120,13 @@ def _sampling(args: argparse.Namespace, defaults) -> tuple[SamplingConfig, float
     return sampling, defaults.cfg if args.cfg is None else args.cfg
 
 
+# generation_configs.json entries that change what an image is: a resumed run must match them
+RESUME_KEYS = ["model", "model_type", "model_path", "vq_path", "t5_path", "drafter_path", "codebook_path", "image_size",
+               "prompt", "prompt_dir", "set_seed", "random_seed", "resolved_temperature", "resolved_top_k",
+               "resolved_top_p", "resolved_cfg", "resolved_precision", "lantern", "lantern_k", "lantern_delta",
+               "lantern_tvd", "lantern_lambda", "static_tree", "tree_choices", "eagle_version", "cfg_mode",
+               "top_k_draft", "depth", "total_token", "drafter_top_k", "lantern_budget", "lantern_residual"]
+
 DEFAULT_PROMPT_FILES = {"demo": "demo_digits.txt", "llamagen_c2i": "imagenet_classes.txt"}
 
 
@@ -150,9 +165,14 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 def run_generate_image(args: argparse.Namespace) -> dict:
     """Generate every selected prompt; returns the statistics dict that is also written to disk."""
     args = resolve_defaults(args)
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.model_type == "vllm":
         raise UserError("--model_type vllm is not supported in this version (it needs the patched vLLM 0.6.3 of the "
                         "original); use base or eagle")
+    validate_generate_args(args)
+    check_output_dir(args.output_dir)
+    apply_threads(args.threads)
     from models.registry import load_family
 
     ctx = ProcessContext.current(args.device)
@@ -181,49 +201,61 @@ def run_generate_image(args: argparse.Namespace) -> dict:
     config.update(resolved_temperature=sampling.temperature, resolved_top_k=sampling.top_k,
                   resolved_top_p=sampling.top_p, resolved_cfg=cfg_scale, resolved_device=str(device),
                   resolved_precision=str(dtype).replace("torch.", ""))
+    check_same_settings(out / "generation_configs.json", config, RESUME_KEYS, args.overwrite)
+    lock = OutputLock(out, f"generate_images.rank{ctx.rank}").acquire()
     if ctx.is_main:
         write_json_atomic(config, out / "generation_configs.json")
     if ctx.world > 1 and final_path.exists() and not args.overwrite:  # resume a sharded run
         done = json.loads(final_path.read_text())
         stats.update({k: v for k, v in done.items() if k in {f"prompt_{i}" for i, _ in items}})
 
+    if not args.overwrite:  # images finished by an earlier run over another range keep their statistics
+        stats.update({k: v for k, v in finished_from_other_ranges(out, final_path, {f"prompt_{i}" for i, _ in items}).items()
+                      if k not in stats})
     todo = [(i, p) for i, p in items if args.overwrite or f"prompt_{i}" not in stats or not (out / f"prompt_{i}.png").exists()]
     if len(todo) < len(items):
         print(f"resuming: {len(items) - len(todo)} of {len(items)} images already in {out}")
     from torchvision.utils import save_image
 
-    bar = tqdm(todo, desc=f"{args.model}/{args.model_type}" + (f" [rank {ctx.rank}]" if ctx.world > 1 else ""),
+    bar = tqdm(total=len(todo), desc=f"{args.model}/{args.model_type}" + (f" [rank {ctx.rank}]" if ctx.world > 1 else ""),
                unit="img", position=ctx.rank)
-    for idx, prompt_text in bar:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(args.random_seed + idx if args.set_seed else int(torch.randint(0, 2**62, (1,))))
-        prefix = family.build_prefix([prompt_text], cfg_scale)
+    for chunk in (todo[i : i + args.batch_size] for i in range(0, len(todo), args.batch_size)):
+        # one generator per image (seed random_seed + idx), consumed by that image only: batch-invariant
+        generators = [torch.Generator(device=device).manual_seed(
+            args.random_seed + idx if args.set_seed else int(torch.randint(0, 2**62, (1,)))) for idx, _ in chunk]
+        prefix = family.build_prefix([p for _, p in chunk], cfg_scale)
         if decoder is None:
             from models.generation import generate_ar
 
-            tokens, gstats = generate_ar(family.target, prefix, family.num_image_tokens, sampling, generator,
+            tokens, gstats = generate_ar(family.target, prefix, family.num_image_tokens, sampling, generators,
                                          family.allowed_tokens)
-            entry = {"step_compression": 1.0}
+            per_prompt = [{"step_compression": 1.0, "target_forwards": gstats.target_forwards}] * len(chunk)
         else:
-            tokens, gstats = decoder.generate(prefix, generator)
-            entry = {"step_compression": gstats.extra["step_compression"]}
-        image = family.decode_images(tokens)
-        tmp = out / f"prompt_{idx}.tmp.png"
-        save_image(image, tmp)
-        tmp.replace(out / f"prompt_{idx}.png")
-        if args.save_tokens:
-            np.save(out / f"prompt_{idx}_tokens.npy", tokens[0].cpu().numpy())
-        entry = {"prompt": prompt_text, "latency": gstats.latency, **entry,
-                 "tokens_per_second": gstats.tokens_per_second, "num_tokens": gstats.num_tokens,
-                 "target_forwards": gstats.target_forwards, **{k: v for k, v in gstats.extra.items() if k != "step_compression"}}
-        stats[f"prompt_{idx}"] = entry
+            tokens, gstats = decoder.generate(prefix, generators)
+            per_prompt = gstats.extra["per_prompt"]
+        images = family.decode_images(tokens)
+        for j, ((idx, prompt_text), pstats) in enumerate(zip(chunk, per_prompt)):
+            tmp = out / f"prompt_{idx}.tmp{os.getpid()}.png"  # unique: another writer never shares it
+            save_image(images[j : j + 1], tmp)
+            tmp.replace(out / f"prompt_{idx}.png")
+            if args.save_tokens:
+                np.save(out / f"prompt_{idx}_tokens.npy", tokens[j].cpu().numpy())
+            # latency and tokens/s per image are the batch's, amortised over its images
+            stats[f"prompt_{idx}"] = {"prompt": prompt_text, "latency": gstats.latency / len(chunk), **pstats,
+                                      "tokens_per_second": gstats.tokens_per_second,
+                                      "num_tokens": family.num_image_tokens, "batch_size": len(chunk),
+                                      "batch_latency": gstats.latency}
         write_json_atomic(stats, stats_path)
-        bar.set_postfix(latency=f"{gstats.latency:.2f}s", tau=f"{entry['step_compression']:.2f}")
+        bar.update(len(chunk))
+        bar.set_postfix(latency=f"{gstats.latency / len(chunk):.2f}s/img",
+                        tau=f"{sum(p['step_compression'] for p in per_prompt) / len(chunk):.2f}")
+    bar.close()
     if ctx.world > 1:
         stats = merge_rank_stats(ctx, final_path)
         items = all_items
     if ctx.is_main:
         _print_summary(stats, items)
+    lock.release()
     return stats
 
 

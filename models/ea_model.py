@@ -15,8 +15,13 @@ One round:
    states feed the drafter next round.
 
 CFG runs through every stage: the drafter runs on the cond and uncond streams (same tokens, each stream's own
-target features) and its logits are combined with the same scale as the target's. Batch: one prompt at a time
-(two rows with CFG), as in the original.
+target features) and its logits are combined with the same scale as the target's.
+
+Batch: B prompts at once (2B rows with CFG); batch 1 is the special case of the same loop. Every prompt has its
+own tree, accepted length and position: the caches keep each row's committed entries in slots [0, length_b),
+each round's tree nodes go to slots shared by the batch (after the longest committed prefix), every row
+attends through its own mask at its own RoPE positions, and the accepted path is copied per row to the end of
+its own prefix. A finished prompt drops out. Random draws come from one generator per prompt (or one shared).
 """
 
 from __future__ import annotations
@@ -29,8 +34,18 @@ import torch
 from models.drafters.acceptance import AcceptConfig, verify_tree
 from models.drafters.cnets import EagleDrafter
 from models.drafters.tree import DraftTree, StaticTreeTemplate, select_dynamic_tree
-from models.generation import GenerationStats, Prefix, key_validity, prefill
-from models.sampling import SamplingConfig, cfg_combine, sample_token, target_probs
+from models.generation import (
+    GenerationStats,
+    Generators,
+    Prefix,
+    additive_mask,
+    check_generators,
+    key_validity,
+    prefill,
+    prompt_generator,
+    sample_per_prompt,
+)
+from models.sampling import SamplingConfig, cfg_combine, target_probs
 
 
 @dataclass(frozen=True)
@@ -55,9 +70,9 @@ class TreeConfig:
         return self.total_token
 
 
-def _gumbel_topk(log_q: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """k draws without replacement from softmax-normalised ``log_q`` (rows), in sampling order (Gumbel-top-k)."""
-    u = torch.rand(log_q.shape, generator=generator, device=log_q.device, dtype=torch.float32)
+def _gumbel_topk(log_q: torch.Tensor, k: int, u: torch.Tensor) -> torch.Tensor:
+    """k draws without replacement from softmax-normalised ``log_q`` (..., V), in sampling order (Gumbel-top-k);
+    ``u`` holds uniforms of the same shape."""
     gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
     return torch.topk(log_q.float() + gumbel, k, dim=-1).indices
 
@@ -117,61 +132,72 @@ class SpeculativeDecoder:
         return self.drafter(feats.to(self.drafter_dtype), ids, rope_pos, cache, cache_pos, mask)
 
     # ------------------------------------------------------------------------------------------ trees
-    def _dynamic_tree(self, root: torch.Tensor, h_root, r: int, dcache, prefix_keys, generator) -> DraftTree:
+    # Both builders grow the trees of every prompt of the batch at once. Drafter entries of tree nodes go to
+    # slots shared by the batch (from ``slot0`` = the longest committed length on); each row attends to its own
+    # committed slots (``prefix_keys``, (rows, slot0)) and its own tree ancestors, at its own RoPE positions.
+    def _dynamic_tree(self, roots, h_root, pos_rows, slot0, dcache, prefix_keys, generators) -> list[DraftTree]:
         """EAGLE-2: expand the best ``top_k_draft`` nodes per level; keep the best ``total_token − 1`` overall."""
         cfg, dev = self.tree_cfg, h_root.device
-        k = cfg.top_k_draft
-        logp = torch.log_softmax(self._draft_logits(h_root[:, -1]), dim=-1).squeeze(0)  # (V,)
-        top = torch.topk(logp, k)
-        tokens, parents, scores = [top.indices], [torch.full((k,), -1, device=dev)], [top.values]
-        front_idx = torch.arange(k, device=dev)  # candidate indices of the frontier
+        k, batch, rows = cfg.top_k_draft, roots.shape[0], h_root.shape[0]
+        streams = rows // batch
+        logp = torch.log_softmax(self._draft_logits(h_root[:, -1]), dim=-1)  # (B, V)
+        top = torch.topk(logp, k, dim=-1)
+        tokens, parents, scores = [top.indices], [torch.full((batch, k), -1, device=dev)], [top.values]
+        front_idx = torch.arange(k, device=dev).expand(batch, -1)  # candidate indices of the frontier
         front_tok, front_score = top.indices, top.values
-        front_feat = h_root[:, -1:].expand(-1, k, -1)  # parent features of the frontier nodes
-        anc = torch.zeros(0, 0, dtype=torch.bool, device=dev)  # ancestry among fed frontier nodes
-        front_anc_parent = torch.full((k,), -1, device=dev)  # fed-slot index of each frontier node's parent
+        front_feat = h_root[:, -1:].expand(-1, k, -1)  # (rows, k, H) parent features of the frontier nodes
+        anc = torch.zeros(batch, 0, 0, dtype=torch.bool, device=dev)  # ancestry among fed frontier nodes
+        front_anc_parent = torch.full((batch, k), -1, device=dev)  # fed-slot index of each frontier node's parent
+        b_idx = torch.arange(batch, device=dev)[:, None]
         n_cand = k
         for d in range(1, cfg.depth):
-            fed = anc.shape[0]
+            fed = anc.shape[1]
             # ancestry rows of the new frontier: parent's row plus itself
-            rows = torch.zeros(k, fed + k, dtype=torch.bool, device=dev)
-            has_parent = front_anc_parent >= 0
+            new_rows = torch.zeros(batch, k, fed + k, dtype=torch.bool, device=dev)
             if fed:
-                rows[:, :fed] = torch.where(has_parent[:, None], anc[front_anc_parent.clamp(min=0)],
-                                            torch.zeros(k, fed, dtype=torch.bool, device=dev))
-            rows[:, fed:] = torch.eye(k, dtype=torch.bool, device=dev)
-            anc = torch.cat([torch.cat([anc, torch.zeros(fed, k, dtype=torch.bool, device=dev)], 1), rows], 0)
-            mask = torch.cat([prefix_keys[:, None, None, :].expand(-1, 1, k, -1), rows[None, None].expand(
-                prefix_keys.shape[0], 1, -1, -1)], dim=-1)
-            slots = torch.arange(r + fed, r + fed + k, device=dev)
-            rope = torch.full((k,), r - 1 + d, device=dev)
-            out = self._run_drafter(front_feat, front_tok[None], rope, dcache, slots, mask)  # (rows, k, H)
-            logp = torch.log_softmax(self._draft_logits(out), dim=-1).reshape(k, -1)
-            child = torch.topk(logp, k, dim=-1)  # (k, k)
-            cum = front_score[:, None] + child.values
-            tokens.append(child.indices.flatten())
-            parents.append(front_idx[:, None].expand(-1, k).flatten())
-            scores.append(cum.flatten())
-            best = torch.topk(cum.flatten(), k).indices
+                par_rows = anc[b_idx, front_anc_parent.clamp(min=0)]  # (B, k, fed)
+                new_rows[:, :, :fed] = par_rows & (front_anc_parent >= 0)[:, :, None]
+            new_rows[:, :, fed:] = torch.eye(k, dtype=torch.bool, device=dev)
+            anc = torch.cat([torch.cat([anc, torch.zeros(batch, fed, k, dtype=torch.bool, device=dev)], 2),
+                             new_rows], 1)
+            mask = torch.cat([prefix_keys[:, None, None, :].expand(-1, 1, k, -1),
+                              new_rows.repeat(streams, 1, 1)[:, None]], dim=-1)
+            slots = torch.arange(slot0 + fed, slot0 + fed + k, device=dev)
+            rope = (pos_rows - 1 + d)[:, None].expand(-1, k)
+            out = self._run_drafter(front_feat, front_tok.repeat(streams, 1), rope, dcache, slots, mask)  # (rows, k, H)
+            logp = torch.log_softmax(self._draft_logits(out), dim=-1)  # (B, k, V)
+            child = torch.topk(logp, k, dim=-1)  # (B, k, k)
+            cum = (front_score[:, :, None] + child.values).flatten(1)
+            child_tok = child.indices.flatten(1)
+            tokens.append(child_tok)
+            parents.append(front_idx[:, :, None].expand(-1, -1, k).flatten(1))
+            scores.append(cum)
+            best = torch.topk(cum, k, dim=-1).indices  # (B, k)
             par_local = best // k
             front_idx = n_cand + best
-            front_tok, front_score = child.indices.flatten()[best], cum.flatten()[best]
-            front_feat = out[:, par_local]
+            front_tok, front_score = child_tok.gather(1, best), cum.gather(1, best)
+            front_feat = out[torch.arange(rows, device=dev)[:, None], par_local.repeat(streams, 1)]
             front_anc_parent = fed + par_local
             n_cand += k * k
-        return select_dynamic_tree(torch.cat(tokens), torch.cat(parents), torch.cat(scores), cfg.total_token, root)
+        tokens, parents, scores = torch.cat(tokens, 1), torch.cat(parents, 1), torch.cat(scores, 1)
+        return [select_dynamic_tree(tokens[b], parents[b], scores[b], cfg.total_token, roots[b]) for b in range(batch)]
 
-    def _static_tree(self, root: torch.Tensor, h_root, r: int, dcache, prefix_keys, generator) -> DraftTree:
-        """Static choice list; node i's children are drawn without replacement from Q at node i."""
+    def _static_tree(self, roots, h_root, pos_rows, slot0, dcache, prefix_keys, generators) -> list[DraftTree]:
+        """Static choice list; node i's children are drawn without replacement from Q at node i (per prompt)."""
         tmpl = self.template.to(h_root.device) if self.template.parents.device != h_root.device else self.template
-        n, dev, rows = tmpl.num_nodes, h_root.device, h_root.shape[0]
+        n, dev, rows, batch = tmpl.num_nodes, h_root.device, h_root.shape[0], roots.shape[0]
+        streams = rows // batch
         vocab = self.target.lm_head.weight.shape[0]
-        tokens = torch.zeros(n, dtype=torch.long, device=dev)
-        tokens[0] = root
-        q = torch.zeros(n, vocab, device=dev)
+        tokens = torch.zeros(batch, n, dtype=torch.long, device=dev)
+        tokens[:, 0] = roots
+        q = torch.zeros(batch, n, vocab, device=dev)
         node_out = torch.zeros(rows, n, h_root.shape[-1], device=dev, dtype=h_root.dtype)
         node_out[:, 0] = h_root[:, -1]
         offsets = tmpl.depth_offsets.tolist()
         widest = int(tmpl.num_children.max())
+        if not self.sampling.greedy:  # each prompt draws this round's uniforms from its own stream, in one call
+            u = torch.stack([torch.rand(offsets[tmpl.max_depth], vocab, generator=prompt_generator(generators, b),
+                                        device=dev) for b in range(batch)])
         for d in range(tmpl.max_depth):
             lo, hi = offsets[d], offsets[d + 1]
             if d > 0:  # feed this level's nodes to get their features and Q
@@ -179,107 +205,198 @@ class SpeculativeDecoder:
                 sub = tmpl.tree_mask[lo:hi, 1:hi]  # ancestry among non-root nodes fed so far
                 mask = torch.cat([prefix_keys[:, None, None, :].expand(-1, 1, hi - lo, -1),
                                   sub[None, None].expand(rows, 1, -1, -1)], dim=-1)
-                out = self._run_drafter(node_out[:, tmpl.parents[idx]], tokens[idx][None],
-                                        torch.full((hi - lo,), r - 1 + d, device=dev), dcache, r + idx - 1, mask)
+                rope = (pos_rows - 1 + d)[:, None].expand(-1, hi - lo)
+                out = self._run_drafter(node_out[:, tmpl.parents[idx]], tokens[:, idx].repeat(streams, 1), rope,
+                                        dcache, slot0 + idx - 1, mask)
                 node_out[:, lo:hi] = out
-            q[lo:hi] = self._draft_q(self._draft_logits(node_out[:, lo:hi]).reshape(hi - lo, -1))
+            q[:, lo:hi] = self._draft_q(self._draft_logits(node_out[:, lo:hi]))
             if self.sampling.greedy:  # greedy verification only needs the likeliest drafts
-                draws = torch.topk(q[lo:hi], widest, dim=-1).indices
+                draws = torch.topk(q[:, lo:hi], widest, dim=-1).indices
             else:
-                draws = _gumbel_topk(torch.log(q[lo:hi]), widest, generator)  # (level, widest)
+                draws = _gumbel_topk(torch.log(q[:, lo:hi]), widest, u[:, lo:hi])  # (B, level, widest)
             kids = tmpl.children[lo:hi]  # (level, C) rank order, -1 padded
             valid = kids >= 0
-            tokens[kids[valid]] = draws[:, : kids.shape[1]][valid]
-        return tmpl.make_tree(tokens, q)
+            tokens[:, kids[valid]] = draws[:, :, : kids.shape[1]][:, valid]
+        return [tmpl.make_tree(tokens[b], q[b]) for b in range(batch)]
 
     # ------------------------------------------------------------------------------------------ decoding
-    @torch.no_grad()
-    def generate(self, prefix: Prefix, generator: torch.Generator | None = None) -> tuple[torch.Tensor, GenerationStats]:
-        """Generate ``num_tokens`` image tokens for a one-prompt prefix -> ((1, N) tokens, stats).
+    @torch.inference_mode()
+    def generate(self, prefix: Prefix, generator: Generators = None) -> tuple[torch.Tensor, GenerationStats]:
+        """Generate ``num_tokens`` image tokens for every prompt of the prefix -> ((B, N) tokens, stats).
 
-        ``stats.extra``: ``step_compression`` (τ, mean of accepted + 1 over target forwards after the
-        prefill), ``acceptance_by_depth`` (accepted / attempted sibling tests per depth), ``accept_lengths``.
+        Batch B ≥ 1 (2B rows with CFG); batch 1 is the special case of the same loop. Every prompt has its own
+        tree, accepted length and position per round; **one** target forward per round verifies all trees;
+        a prompt whose image is complete drops out of the batch (its cache rows are removed). ``generator``:
+        one per prompt (exact per-image streams: a prompt's tokens do not depend on the batch) or one shared.
+
+        ``stats.extra``: ``step_compression`` (τ: per prompt the mean of accepted + 1 over its target forwards
+        after the prefill; for a batch the mean over prompts), ``acceptance_by_depth`` (accepted / attempted
+        sibling tests per depth, pooled over the batch), ``accept_lengths`` (the batch's, prompt by prompt)
+        and ``per_prompt`` (a list of those three plus ``target_forwards`` for every prompt).
+        ``target_forwards`` counts the batch's forwards (prefill + rounds).
         """
         if prefix.cfg_scale != self.cfg_scale:
             raise ValueError("prefix and decoder disagree on the CFG scale")
-        rows_expected = 2 if self.cfg_scale != 1.0 else 1
-        if prefix.rows != rows_expected:
-            raise ValueError("speculative decoding runs one prompt at a time")
         start = time.perf_counter()
-        target, drafter, n_tok = self.target, self.drafter, self.num_tokens
-        t, rows, dev = prefix.length, prefix.rows, prefix.embeddings.device
+        target, n_tok = self.target, self.num_tokens
+        t, dev, streams, batch = prefix.length, prefix.embeddings.device, prefix.streams, prefix.batch_size
+        check_generators(generator, batch)
         max_len = t + n_tok + self.tree_cfg.max_nodes + 1
-        tcache, dcache = target.new_cache(rows, max_len), drafter.new_cache(rows, max_len)
-        keys = key_validity(prefix, max_len)
+        tcache, dcache = target.new_cache(prefix.rows, max_len), self.drafter.new_cache(prefix.rows, max_len)
+        keys = key_validity(prefix, max_len)  # (rows, max_len) prefix validity; generated slots True
 
         hidden = prefill(target, prefix, tcache)
-        root = sample_token(self._combine(target.lm_head(hidden[:, -1])), self.sampling, generator).squeeze(0)
-        out = [root.view(1)]
-        n_out = 1
-        # drafter inputs: features at positions [dlen, r) with the token of the following position; condition
-        # positions carry token id 0, as in LANTERN's training data
+        roots = sample_per_prompt(self._combine(target.lm_head(hidden[:, -1])), self.sampling, generator)  # (B,)
+        active = list(range(batch)) if n_tok > 1 else []  # original prompt index of every prompt still running
+        outs = [[roots[b : b + 1]] for b in range(batch)]
+        n_out = [1] * batch
+        lengths = torch.full((batch,), t, dtype=torch.long, device=dev)  # committed target length = root position
+        # drafter inputs: features at positions [dlen, dlen + pend_len) with the token of the following position;
+        # condition positions carry token id 0, as in LANTERN's training data
         pend_feat = hidden
-        pend_ids = torch.cat([torch.zeros(t - 1, dtype=torch.long, device=dev), root.view(1)])[None]
-        dlen = 0
-        accept_lengths, attempted, accepted, tvds = [], None, None, []
+        pend_ids = torch.cat([torch.zeros(batch, t - 1, dtype=torch.long, device=dev), roots[:, None]], dim=1)
+        pend_len = torch.full((batch,), t, dtype=torch.long, device=dev)
+        dlen = torch.zeros(batch, dtype=torch.long, device=dev)
+        per = [{"accept_lengths": [], "attempted": [], "accepted": [], "node_tvd": []} for _ in range(batch)]
         forwards = 1
         greedy = self.sampling.greedy
-        while n_out < n_tok:
-            r = tcache.length  # position of the root
+        build = self._static_tree if self.template is not None else self._dynamic_tree
+        while active:
+            gens = generator if generator is None or isinstance(generator, torch.Generator) else [
+                generator[b] for b in active]
+            rows = keys.shape[0]
+            # 1. drafter catch-up, every row at its own slots/positions dlen + j (padded entries are discarded)
             m = pend_ids.shape[1]
-            pos = torch.arange(dlen, dlen + m, device=dev)
-            causal = torch.ones(m, r, dtype=torch.bool, device=dev).tril(dlen)
-            dmask = (keys[:, None, :r] & causal[None]) | (torch.arange(r, device=dev)[None, None] == pos[None, :, None])
-            h_d = self._run_drafter(pend_feat, pend_ids, pos, dcache, pos, dmask[:, None])
-            dlen = r
-            prefix_keys = keys[:, :r]
-            build = self._static_tree if self.template is not None else self._dynamic_tree
-            tree = build(root, h_d[:, -1:], r, dcache, prefix_keys, generator)
-
-            n = tree.num_nodes
+            pos = dlen.repeat(streams)[:, None] + torch.arange(m, device=dev)  # (rows, m)
+            kv = int(pos.max()) + 1
+            slot = torch.arange(kv, device=dev)
+            dmask = (keys[:, None, :kv] & (slot <= pos[:, :, None])) | (slot == pos[:, :, None])
+            h_d = self._run_drafter(pend_feat, pend_ids.repeat(streams, 1), pos, dcache, pos, dmask[:, None])
+            last = (pend_len - 1).repeat(streams)
+            h_root = h_d[torch.arange(rows, device=dev), last][:, None]  # (rows, 1, H)
+            dlen = lengths.clone()
+            # 2. trees, written from the longest committed length on (shared slots)
+            slot0 = int(lengths.max())
+            pos_rows = lengths.repeat(streams)
+            prefix_keys = keys[:, :slot0] & (torch.arange(slot0, device=dev) < pos_rows[:, None])
+            roots_active = torch.cat([o[-1][-1:] for o in (outs[b] for b in active)])
+            trees = build(roots_active, h_root, pos_rows, slot0, dcache, prefix_keys, gens)
+            # 3. one target forward over every prompt's tree (trees padded to the largest node count)
+            tok, dep, tmask = _stack_trees(trees)
+            n = tok.shape[1]
             mask = torch.cat([prefix_keys[:, None, None, :].expand(-1, 1, n, -1),
-                              tree.tree_mask[None, None].expand(rows, 1, -1, -1)], dim=-1)
-            slots = torch.arange(r, r + n, device=dev)
-            h_t = target.forward_hidden(target.embed_tokens(tree.tokens[None].expand(rows, -1)), r + tree.depths,
-                                        tcache, slots, mask)
+                              tmask.repeat(streams, 1, 1)[:, None]], dim=-1)
+            slots = torch.arange(slot0, slot0 + n, device=dev)
+            emb = target.embed_tokens(tok.repeat(streams, 1))
+            h_t = target.forward_hidden(emb, pos_rows[:, None] + dep.repeat(streams, 1), tcache, slots,
+                                        additive_mask(mask, emb.dtype))
             forwards += 1
-            probs = target_probs(self._combine(target.lm_head(h_t)).reshape(n, -1), self.sampling)
-            res = verify_tree(tree, probs, self.accept, self.neighbours, greedy, generator)
-            tcache.commit(r + res.path, r)
-            new = torch.cat([tree.tokens[res.path[1:]], res.next_token.view(1)])
-            out.append(new)
-            n_out += new.numel()
-            accept_lengths.append(res.accept_len)
-            tvds.append(res.node_tvd)
-            attempted = res.attempted_per_depth if attempted is None else _add_padded(attempted, res.attempted_per_depth)
-            accepted = res.accepted_per_depth if accepted is None else _add_padded(accepted, res.accepted_per_depth)
-            pend_feat, pend_ids = h_t[:, res.path], new[None]
-            root = res.next_token
-        tokens = torch.cat(out)[:n_tok][None]
+            probs = target_probs(self._combine(target.lm_head(h_t)), self.sampling)  # (B, n, V)
+            # 4. verify every prompt's tree with its own random stream
+            results = [verify_tree(tr, probs[i, : tr.num_nodes], self.accept, self.neighbours, greedy,
+                                   prompt_generator(gens, i)) for i, tr in enumerate(trees)]
+            # 5. commit: each prompt's accepted path moves to the end of its own committed prefix
+            a_max = max(res.accept_len for res in results) + 1
+            path = torch.stack([_pad_last(res.path, a_max) for res in results])  # (B, a_max)
+            steps = torch.minimum(torch.arange(a_max, device=dev),
+                                  torch.tensor([res.accept_len for res in results], device=dev)[:, None])
+            tcache.commit_rows((slot0 + path).repeat(streams, 1), (lengths[:, None] + steps).repeat(streams, 1))
+            new_ids = []
+            for b, tr, res in zip(active, trees, results):
+                new = torch.cat([tr.tokens[res.path[1:]], res.next_token.view(1)])
+                outs[b].append(new)
+                n_out[b] += new.numel()
+                new_ids.append(_pad_last(new, a_max))
+                st = per[b]
+                st["accept_lengths"].append(res.accept_len)
+                st["node_tvd"].append(res.node_tvd)
+                st["attempted"].append(res.attempted_per_depth)
+                st["accepted"].append(res.accepted_per_depth)
+            pend_feat = h_t[torch.arange(rows, device=dev)[:, None], path.repeat(streams, 1)]
+            pend_ids = torch.stack(new_ids)
+            pend_len = torch.tensor([res.accept_len + 1 for res in results], device=dev)
+            lengths = lengths + pend_len
+            # finished prompts drop out: their rows leave the caches and every per-row tensor
+            keep = [i for i, b in enumerate(active) if n_out[b] < n_tok]
+            if len(keep) < len(active):
+                kb = torch.tensor(keep, dtype=torch.long, device=dev)
+                krows = torch.cat([kb + s * len(active) for s in range(streams)])
+                for cache in (tcache, dcache):
+                    cache.select_batch(krows)
+                keys, pend_feat = keys[krows], pend_feat[krows]
+                pend_ids, pend_len, lengths, dlen = pend_ids[kb], pend_len[kb], lengths[kb], dlen[kb]
+                active = [active[i] for i in keep]
+        tokens = torch.stack([torch.cat(o)[:n_tok] for o in outs])
         if tokens.is_cuda:
             torch.cuda.synchronize(tokens.device)
         latency = time.perf_counter() - start
-        taus = [a + 1 for a in accept_lengths]
-        by_depth = [] if attempted is None else [
-            (float(a) / float(b) if b > 0 else float("nan")) for a, b in zip(accepted.tolist(), attempted.tolist())]
+        per_prompt = [{**_prompt_stats(st), **_tvd_summary(st["node_tvd"], n_tok - 1)} for st in per]
         extra = {
-            "step_compression": float(sum(taus) / len(taus)) if taus else 1.0,
-            "acceptance_by_depth": by_depth,
-            "accept_lengths": accept_lengths,
-            **_tvd_summary(tvds, n_tok - 1),
+            "step_compression": sum(p["step_compression"] for p in per_prompt) / batch,
+            "acceptance_by_depth": _by_depth([a for st in per for a in st["accepted"]],
+                                             [a for st in per for a in st["attempted"]]),
+            "accept_lengths": [a for p in per_prompt for a in p["accept_lengths"]],
+            "per_prompt": per_prompt,
         }
-        return tokens, GenerationStats(latency, n_tok, forwards, extra)
+        if per_prompt and "node_tvd_mean" in per_prompt[0]:  # the realised shift per emitted token (issue 13)
+            extra["node_tvd_mean"] = sum(p["node_tvd_mean"] for p in per_prompt) / len(per_prompt)
+            extra["node_tvd_max"] = max(p["node_tvd_max"] for p in per_prompt)
+        return tokens, GenerationStats(latency, n_tok * batch, forwards, extra)
+
+
+def _stack_trees(trees: list[DraftTree]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens (B, n), depths (B, n) and tree masks (B, n, n) of the batch's trees, padded to the largest.
+
+    Padding nodes (token 0, depth 0) attend only to themselves; nothing reads their outputs.
+    """
+    n = max(tr.num_nodes for tr in trees)
+    if all(tr.num_nodes == n for tr in trees):
+        return (torch.stack([tr.tokens for tr in trees]), torch.stack([tr.depths for tr in trees]),
+                torch.stack([tr.tree_mask for tr in trees]))
+    dev = trees[0].device
+    tok = torch.zeros(len(trees), n, dtype=torch.long, device=dev)
+    dep = torch.zeros(len(trees), n, dtype=torch.long, device=dev)
+    tmask = torch.eye(n, dtype=torch.bool, device=dev).repeat(len(trees), 1, 1)
+    for i, tr in enumerate(trees):
+        m = tr.num_nodes
+        tok[i, :m], dep[i, :m], tmask[i, :m, :m] = tr.tokens, tr.depths, tr.tree_mask
+    return tok, dep, tmask
+
+
+def _pad_last(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Right-pad a 1-D tensor to length n by repeating its last entry."""
+    return torch.cat([x, x[-1:].expand(n - x.numel())]) if x.numel() < n else x
+
+
+def _by_depth(accepted: list[torch.Tensor], attempted: list[torch.Tensor]) -> list[float]:
+    """Accepted / attempted sibling tests per depth, summed over rounds (tensors of varying length)."""
+    if not attempted:
+        return []
+    acc = att = None
+    for a, b in zip(accepted, attempted):
+        acc, att = _add_padded(acc, a), _add_padded(att, b)
+    return [(float(a) / float(b) if b > 0 else float("nan")) for a, b in zip(acc.tolist(), att.tolist())]
 
 
 def _tvd_summary(tvds: list, n: int) -> dict:
     """Mean / max realised per-node TVD (``VerifyResult.node_tvd``) over the first n verified tokens."""
-    vals = torch.cat([t for t in tvds if t is not None])[:n] if any(t is not None for t in tvds) else None
+    vals = [t for t in tvds if t is not None]
+    vals = torch.cat(vals)[:n] if vals else None
     if vals is None or vals.numel() == 0:
         return {}
     return {"node_tvd_mean": float(vals.double().mean()), "node_tvd_max": float(vals.max())}
 
 
-def _add_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _prompt_stats(st: dict) -> dict:
+    taus = [a + 1 for a in st["accept_lengths"]]
+    return {"step_compression": float(sum(taus) / len(taus)) if taus else 1.0,
+            "acceptance_by_depth": _by_depth(st["accepted"], st["attempted"]),
+            "accept_lengths": st["accept_lengths"], "target_forwards": 1 + len(taus)}
+
+
+def _add_padded(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    if a is None:
+        return b.clone()
     n = max(a.numel(), b.numel())
     out = torch.zeros(n, dtype=a.dtype, device=a.device)
     out[: a.numel()] += a
@@ -309,8 +426,8 @@ def build_speculative_decoder(family, args, sampling: SamplingConfig, cfg_scale:
                          residual=getattr(args, "lantern_residual", "exact"))
     neighbours = None
     if accept.enabled:
-        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path),
-                                          k=accept.table_columns).to(param.device)
+        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.table_columns,
+                                          num_codes=getattr(family, "num_codes", None)).to(param.device)
     static = args.static_tree or args.eagle_version == 1
     choices = tuple(tuple(c) for c in get_tree_choices(args.tree_choices)) if static else None
     tree = TreeConfig(static_choices=choices, top_k_draft=args.top_k_draft, depth=args.depth,

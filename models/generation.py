@@ -3,16 +3,25 @@
 Family-agnostic: a target exposes ``forward_hidden``, ``lm_head``, ``embed_tokens`` and ``new_cache``; the
 family adapter supplies the prefix (condition embeddings for [cond; uncond] rows and which prefix positions
 are real, not padding). This is the baseline that speculative decoding must reproduce exactly.
+
+Batches: a prefix holds B prompts (2B rows with CFG, [cond_0..cond_{B-1}; uncond_0..uncond_{B-1}]). Random
+draws come either from one shared ``torch.Generator`` or from one generator per prompt (:data:`Generators`),
+consumed by that prompt only and in the same order whatever the batch: with per-image seeds an image's tokens
+do not depend on the batch it ran in.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from models.sampling import SamplingConfig, cfg_combine, sample_token
+from models.sampling import SamplingConfig, cfg_combine, sample_from_probs, sample_token, target_probs
+
+# one generator shared by the batch, one per prompt, or None (torch's default generator)
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 @dataclass
@@ -31,6 +40,40 @@ class Prefix:
     def length(self) -> int:
         return self.embeddings.shape[1]
 
+    @property
+    def streams(self) -> int:
+        """Rows per prompt: 2 with CFG ([cond; uncond]), else 1."""
+        return 2 if self.cfg_scale != 1.0 else 1
+
+    @property
+    def batch_size(self) -> int:
+        """Number of prompts."""
+        return self.rows // self.streams
+
+
+def prompt_generator(generators: Generators, b: int) -> torch.Generator | None:
+    """The generator prompt ``b`` draws from (the shared one, or its own)."""
+    if generators is None or isinstance(generators, torch.Generator):
+        return generators
+    return generators[b]
+
+
+def check_generators(generators: Generators, batch: int) -> None:
+    if not (generators is None or isinstance(generators, torch.Generator)) and len(generators) != batch:
+        raise ValueError(f"{len(generators)} generators for {batch} prompts: give one per prompt (or one shared)")
+
+
+def sample_per_prompt(logits: torch.Tensor, sampling: SamplingConfig, generators: Generators) -> torch.Tensor:
+    """CFG-combined logits (B, V) -> tokens (B,); with one generator per prompt, row b draws from its own.
+
+    Row b's draw is exactly what :func:`~models.sampling.sample_token` gives for that row alone with the same
+    generator, so batch 1 and batch B agree.
+    """
+    if sampling.greedy or generators is None or isinstance(generators, torch.Generator):
+        return sample_token(logits, sampling, generators)
+    probs = target_probs(logits, sampling)
+    return torch.cat([sample_from_probs(probs[b : b + 1], g) for b, g in enumerate(generators)])
+
 
 def prefix_attention_mask(valid: torch.Tensor) -> torch.Tensor:
     """(rows, T) validity -> (rows, 1, T, T) bool mask: causal, padded columns hidden, diagonal always visible.
@@ -41,6 +84,15 @@ def prefix_attention_mask(valid: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
     eye = torch.eye(t, dtype=torch.bool, device=valid.device)
     return ((causal & valid[:, None, :]) | eye)[:, None]
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean attention mask (True = may attend) -> additive float mask (0 / -inf) in the model's dtype.
+
+    SDPA converts a boolean mask to this form in every layer; converting once per forward saves that work
+    (the result is the same). Every query row must keep at least one visible key.
+    """
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def key_validity(prefix: Prefix, total_len: int) -> torch.Tensor:
@@ -70,13 +122,13 @@ class GenerationStats:
         return self.num_tokens / self.latency if self.latency > 0 else float("nan")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_ar(
     target,
     prefix: Prefix,
     num_tokens: int,
     sampling: SamplingConfig,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     allowed_tokens: torch.Tensor | None = None,
     uniforms: torch.Tensor | None = None,
     on_step=None,
@@ -85,13 +137,15 @@ def generate_ar(
 
     One target forward per token after the prefill; the unconditional rows receive the same tokens as the
     conditional ones. ``allowed_tokens`` (V,) bool restricts sampling to a family's image vocabulary.
+    ``generator``: one shared generator or one per prompt (see :func:`sample_per_prompt`).
     ``uniforms`` (B, num_tokens) replaces ``generator`` by one random stream per sample (inverse-CDF draws), so
     a sample's tokens do not depend on the batch it runs in. ``on_step(i, logits, tokens)`` sees the CFG-combined
     logits (B, V) and the chosen tokens of every step (for measurements such as next-token entropy).
     """
     start = time.perf_counter()
     rows, t = prefix.rows, prefix.length
-    batch = rows // 2 if prefix.cfg_scale != 1.0 else rows
+    batch = prefix.batch_size
+    check_generators(generator, batch)
     cache = target.new_cache(rows, t + num_tokens)
     keys_valid = key_validity(prefix, t + num_tokens)
     hidden = prefill(target, prefix, cache)
@@ -102,7 +156,10 @@ def generate_ar(
         combined = cfg_combine(logits, prefix.cfg_scale)
         if allowed_tokens is not None:
             combined = combined.masked_fill(~allowed_tokens, float("-inf"))
-        token = sample_token(combined, sampling, generator, None if uniforms is None else uniforms[:, i].to(combined.device))
+        if uniforms is not None:
+            token = sample_token(combined, sampling, None, uniforms[:, i].to(combined.device))
+        else:
+            token = sample_per_prompt(combined, sampling, generator)
         out[:, i] = token
         if on_step is not None:
             on_step(i, combined, token)
@@ -110,7 +167,8 @@ def generate_ar(
             break
         pos = torch.tensor([t + i], device=hidden.device)
         ids = token.repeat(rows // batch)[:, None]
-        h = target.forward_hidden(target.embed_tokens(ids), pos, cache, pos, keys_valid[:, None, None, : t + i + 1])
+        emb = target.embed_tokens(ids)
+        h = target.forward_hidden(emb, pos, cache, pos, additive_mask(keys_valid[:, None, None, : t + i + 1], emb.dtype))
         logits = target.lm_head(h[:, -1]).float()
         forwards += 1
     if out.is_cuda:

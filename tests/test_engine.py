@@ -142,12 +142,17 @@ def exact_joint(model: LlamaGenGPT, prefix: Prefix, n: int, sampling: SamplingCo
 
 
 def _empirical(dec: SpeculativeDecoder, prefix: Prefix, n: int, samples: int, seed: int) -> torch.Tensor:
+    """Counts of the first n tokens over ``samples`` sequences; a batched prefix contributes every prompt's
+    (each prompt with its own random stream, as generate_images runs them)."""
     v = dec.target.config.vocab_size
     counts = torch.zeros([v] * n)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(samples):
+    batch = prefix.batch_size
+    gen = torch.Generator().manual_seed(seed) if batch == 1 else [
+        torch.Generator().manual_seed(seed + 1000 * b) for b in range(batch)]
+    for _ in range(samples // batch):
         tokens, _ = dec.generate(prefix, gen)
-        counts[tuple(tokens[0, :n].tolist())] += 1
+        for row in tokens[:, :n].tolist():
+            counts[tuple(row)] += 1
     return counts
 
 
@@ -180,9 +185,10 @@ TINY_TREES = {
 CASES = [(t, s) for t in TINY_TREES for s in SAMPLERS]
 
 
-def _check_lossless(tree: str, sampler: str, samples: int) -> None:
+def _check_lossless(tree: str, sampler: str, samples: int, batch: int = 1) -> None:
+    """``batch`` > 1: the same prompt B times per call, each with its own stream; every row is a sample."""
     target = _tiny_target()
-    prefix = _prefix(target, torch.tensor([1]), torch.ones(1, 1, dtype=torch.bool), 2.0)
+    prefix = _prefix(target, torch.tensor([1] * batch), torch.ones(batch, 1, dtype=torch.bool), 2.0)
     sampling = SAMPLERS[sampler]
     dec = SpeculativeDecoder(target, _random_drafter(target, seed=3), 4, sampling, 2.0, tree=TINY_TREES[tree])
     _assert_matches(_empirical(dec, prefix, 3, samples, seed=11), exact_joint(target, prefix, 3, sampling))
@@ -194,11 +200,18 @@ def test_speculative_sampling_is_lossless(tree, sampler):
     _check_lossless(tree, sampler, 1500)
 
 
+@pytest.mark.parametrize("tree", list(TINY_TREES))
+def test_batched_speculative_sampling_is_lossless(tree):
+    """Batch of 3 prompts per call (one target forward verifies all three trees): still AR's exact joint."""
+    _check_lossless(tree, "t1", 1500, batch=3)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("tree,sampler", CASES)
-def test_speculative_sampling_is_lossless_many_samples(tree, sampler):
-    """The same with 10,000 samples (more power against small biases)."""
-    _check_lossless(tree, sampler, 10000)
+def test_speculative_sampling_is_lossless_many_samples(tree, sampler, batch):
+    """The same with 10,000 samples (more power against small biases), alone and in batches of 3."""
+    _check_lossless(tree, sampler, 10000, batch)
 
 
 def test_oracle_sampling_is_lossless_and_fast():

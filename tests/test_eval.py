@@ -1,4 +1,5 @@
-"""Evaluation metrics (SPEC §8): FID, improved precision / recall, CLIP score, and the two eval entry points."""
+"""Evaluation metrics (SPEC §8): FID / KID / IS on the FID Inception, improved precision / recall, the demo's
+own metrics, and the eval_fid_clip / eval_prec_recall commands end to end (CLIP and HPS: test_eval_clip.py)."""
 
 from __future__ import annotations
 
@@ -7,82 +8,134 @@ import json
 import numpy as np
 import pytest
 import torch
+from eval_weights import smooth_images, write_fid_inception, write_images
 from PIL import Image
 from torch import nn
 
 import main as cli
 from models import evaluation as ev
 
-# ------------------------------------------------------------------------------------------------- helpers
-
-
-def _write_images(folder, names, size=16, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name in names:
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / name)
-    return folder
+CPU = torch.device("cpu")
 
 
 class _MeanColour(nn.Module):
     """Stand-in feature extractor: per-channel means and stds (6-d), fast and deterministic."""
 
     size = 8
+    primary = "features"
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
+    @staticmethod
+    def preprocess(img, eval_res=None):
+        return torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32) / 255).permute(2, 0, 1)
+
+    def forward(self, images):
+        return {"features": torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)}
 
 
-def _tiny_clip(folder):
-    """A random tiny CLIPModel + CLIPProcessor saved to ``folder`` (char-level tokenizer, 32 px images)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"))
-    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0,
-                                         eos_token_id=1, pad_token_id=1, **small),
-                        vision_config=dict(image_size=32, patch_size=16, **small), projection_dim=8)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    return write_fid_inception(tmp_path_factory.mktemp("weights") / "weights-inception-2015-12-05-6726825d.pth")
 
 
 # --------------------------------------------------------------------------------------------- image folders
 
 
 def test_generated_folder_is_ordered_by_prompt_index(tmp_path):
-    _write_images(tmp_path, ["prompt_10.png", "prompt_9.png", "prompt_0.png"])
+    write_images(tmp_path, ["prompt_10.png", "prompt_9.png", "prompt_0.png"])
     (tmp_path / "notes.txt").write_text("not an image")
     assert [p.name for p in ev.list_images(tmp_path)] == ["prompt_0.png", "prompt_9.png", "prompt_10.png"]
     assert [p.name for p in ev.list_images(tmp_path, how_many=2)] == ["prompt_0.png", "prompt_9.png"]
 
 
-def test_reference_folder_is_sorted_by_name_and_resized(tmp_path):
-    _write_images(tmp_path, ["b.jpg", "a.png"], size=12)
-    paths = ev.list_images(tmp_path)
-    assert [p.name for p in paths] == ["a.png", "b.jpg"]
-    batch = ev.load_image_batch(paths, 20)
-    assert batch.shape == (2, 3, 20, 20) and 0.0 <= batch.min() and batch.max() <= 1.0
-
-
-def test_captions_from_statistics_json_and_text_file(tmp_path):
-    paths = ev.list_images(_write_images(tmp_path / "imgs", ["prompt_3.png", "prompt_7.png"]))
-    stats = {"prompt_7": {"prompt": "a dog"}, "prompt_3": {"prompt": "a cat"}, "prompt_9": {"prompt": "unused"}}
+def test_captions_pair_images_by_their_prompt_index(tmp_path):
+    paths = ev.list_images(write_images(tmp_path / "imgs", ["prompt_3.png", "prompt_1.png"]))
+    stats = {"prompt_1": {"prompt": "a dog"}, "prompt_3": {"prompt": "a cat"}, "prompt_9": {"prompt": "unused"}}
     (tmp_path / "global_statistics_0_10.json").write_text(json.dumps(stats))
-    assert ev.load_captions(tmp_path / "global_statistics_0_10.json", paths) == ["a cat", "a dog"]
-    (tmp_path / "caps.txt").write_text("first\nsecond\nthird\n")
-    assert ev.load_captions(tmp_path / "caps.txt", paths) == ["first", "second"]
+    assert ev.load_captions(tmp_path / "global_statistics_0_10.json", paths) == ["a dog", "a cat"]
+    (tmp_path / "caps.txt").write_text("zero\none\ntwo\nthree\n")  # prompt_{idx} gets line idx, as the original
+    assert ev.load_captions(tmp_path / "caps.txt", paths) == ["one", "three"]
+    (tmp_path / "caps.json").write_text(json.dumps(["z", {"caption": "o"}, "t", "th"]))
+    assert ev.load_captions(tmp_path / "caps.json", paths) == ["o", "th"]
+    (tmp_path / "p.tsv").write_text("Prompt\tCategory\na\tx\nb\tx\n")
+    with pytest.raises(ValueError, match="needs index 3"):
+        ev.load_captions(tmp_path / "p.tsv", paths)
     with pytest.raises(ValueError, match="no prompt"):
         ev.load_captions(tmp_path / "global_statistics_0_10.json", [tmp_path / "prompt_5.png"])
+
+
+def test_fid_preprocessing_is_the_originals_crop_lanczos_then_clean_resize():
+    # a 60×30 image: red | green | blue strips of 15, 30, 15 columns. The long-edge centre crop keeps green only.
+    arr = np.zeros((30, 60, 3), dtype=np.uint8)
+    arr[:, :15, 0], arr[:, 15:45, 1], arr[:, 45:, 2] = 255, 255, 255
+    cropped = ev.original_eval_resize(Image.fromarray(arr), 256)
+    assert cropped.size == (256, 256)
+    assert np.array_equal(np.unique(np.asarray(cropped).reshape(-1, 3), axis=0), [[0, 255, 0]])
+    x = ev.FIDInception.preprocess(Image.fromarray(smooth_images(1, 64, seed=0)[0]))
+    assert x.shape == (3, 299, 299) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 255
+    assert (x != x.round()).any(), "clean mode does not quantise after the bicubic resize"
+    # clean resize of one channel is PIL's float ("F") bicubic; on a constant image it is exact
+    const = np.full((40, 50, 3), 77, dtype=np.uint8)
+    assert np.array_equal(ev.clean_resize(const), np.full((299, 299, 3), 77, dtype=np.float32))
+
+
+# ---------------------------------------------------------------------------------------------- Inception
+
+
+def test_project_inception_features_equal_torch_fidelity(inception_file):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    ref = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                      feature_extractor_weights_path=str(inception_file))
+    ours = ev.load_inception(inception_file, CPU)
+    images = torch.from_numpy(np.stack(smooth_images(2, 299, seed=1))).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        pool3, logits = ref(images)
+        got = ours(images.float())
+    assert pool3.std(dim=0).mean() > 1e-2, "random weights must give image-dependent features"
+    torch.testing.assert_close(got["pool3"], pool3, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["logits_unbiased"], logits, atol=1e-5, rtol=0)
+
+
+def test_torchvision_imagenet_inception_is_refused(tmp_path):
+    from torchvision.models import inception_v3
+
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), tmp_path / "tv.pth")
+    with pytest.raises(ValueError, match="different network"):
+        ev.load_inception(tmp_path / "tv.pth", CPU)
+
+
+def test_frechet_distance_agrees_with_torch_fidelitys(tmp_path):
+    """Same formula as clean-fid / pytorch-fid (scipy sqrtm, what the original ran); torch-fidelity takes the
+    trace through eigenvalues instead, so the two agree to rounding, not bit for bit."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(40, 12)), rng.normal(size=(50, 12)) * 1.5 + 0.3
+    (mu1, s1), (mu2, s2) = ev.feature_statistics(a), ev.feature_statistics(b)
+    theirs = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(theirs["frechet_inception_distance"], rel=1e-10)
+
+
+def test_fid_from_features_low_rank_path_equals_sqrtm():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(10, 30)), rng.normal(size=(14, 30)) + 0.5  # N < D: rank-deficient covariances
+    direct = ev.frechet_distance(*ev.feature_statistics(a), *ev.feature_statistics(b))
+    assert ev.fid_from_features(a, b) == pytest.approx(direct, rel=1e-6)
+    assert ev.fid_from_features(a, a) == pytest.approx(0.0, abs=1e-9)
+    c, d = rng.normal(size=(40, 5)), rng.normal(size=(45, 5))  # N > D: the libraries' formula itself
+    assert ev.fid_from_features(c, d) == ev.frechet_distance(*ev.feature_statistics(c), *ev.feature_statistics(d))
+
+
+def test_kid_and_inception_score_known_cases():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(60, 8))
+    same, _ = ev.kernel_inception_distance(x, x.copy(), subset_size=50, subsets=10)
+    far, _ = ev.kernel_inception_distance(x, x + 3.0, subset_size=50, subsets=10)
+    assert far > 10 * abs(same)  # unbiased MMD²: ≈ 0 (either sign) for one distribution, large for shifted
+    assert ev.inception_score(np.zeros((20, 10)), splits=2)[0] == pytest.approx(1.0)  # no confidence: IS 1
+    confident = np.full((100, 10), -50.0)
+    confident[np.arange(100), np.arange(100) % 10] = 50.0
+    assert ev.inception_score(confident, splits=1)[0] == pytest.approx(10.0, rel=1e-6)  # 10 sure, balanced classes
 
 
 # ---------------------------------------------------------------------------------------------------- FID
@@ -147,40 +200,24 @@ def test_knn_radii_exclude_the_sample_itself_and_batching_is_exact():
         ev.knn_radii(x, k=4)
 
 
-# ---------------------------------------------------------------------------------------------- CLIP score
+# ------------------------------------------------------------------------------------------- demo metrics
 
 
-def test_clip_score_from_embeddings_is_mean_cosine_times_100():
-    img = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
-    txt = torch.tensor([[2.0, 0.0], [0.0, -1.0], [1.0, 1.0]])
-    assert ev.clip_score_from_embeddings(img, txt) == pytest.approx(100.0 * (1.0 - 1.0 + 2**-0.5) / 3)
+def test_demo_quality_separates_real_digits_from_noise():
+    from models.demo.classifier import load_classifier
+    from models.demo.data import load_digit_images
 
-
-def test_clip_score_with_a_tiny_local_clip_model(tmp_path):
-    folder = _tiny_clip(tmp_path / "clip")
-    model, processor = ev.load_clip(folder, torch.device("cpu"))
-    paths = ev.list_images(_write_images(tmp_path / "imgs", ["prompt_0.png", "prompt_1.png", "prompt_2.png"]))
-    captions = ["a cat", "a red car", "two dogs"]
-    score = ev.clip_score(model, processor, paths, captions, batch_size=2, device=torch.device("cpu"))
-    image_embeds, text_embeds = ev.clip_embeddings(model, processor, paths, captions, 3, torch.device("cpu"))
-    assert image_embeds.shape == text_embeds.shape == (3, 8)
-    assert score == pytest.approx(ev.clip_score_from_embeddings(image_embeds, text_embeds), abs=1e-4)
-    assert -100.0 <= score <= 100.0
-
-
-def test_missing_weights_name_the_flag_and_never_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--clip_path"):
-        ev.load_clip(tmp_path / "no_clip", torch.device("cpu"))
-    with pytest.raises(FileNotFoundError, match="--inception_path.*inception_v3"):
-        ev.load_inception(tmp_path / "pt_inception.pth", torch.device("cpu"))
-    with pytest.raises(FileNotFoundError, match="--vgg_path is required"):
-        ev.load_vgg16(None, torch.device("cpu"))
-
-
-def test_wrong_state_dict_is_a_clear_error(tmp_path):
-    torch.save({"model": {"conv.weight": torch.zeros(1)}}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="not a torchvision"):
-        ev.load_inception(tmp_path / "bad.pt", torch.device("cpu"))
+    path = ev.default_classifier_path()
+    if not path.exists():
+        pytest.skip("bundled demo classifier not present")
+    clf = load_classifier(path, CPU)
+    images, labels = load_digit_images()
+    real = ev.demo_quality(clf, images[:60], labels[:60])
+    noise = ev.demo_quality(clf, torch.rand(60, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+                            labels[:60])
+    assert real["accuracy"] > 0.9 and noise["accuracy"] < 0.5
+    assert real["demo_fid"] < noise["demo_fid"] / 5
+    assert real["precision"] > 0.9 and noise["precision"] < 0.2
 
 
 # ------------------------------------------------------------------------------------------- entry points
@@ -188,35 +225,67 @@ def test_wrong_state_dict_is_a_clear_error(tmp_path):
 
 @pytest.fixture
 def folders(tmp_path):
-    fake = _write_images(tmp_path / "fake", [f"prompt_{i}.png" for i in range(5)], seed=1)
-    ref = _write_images(tmp_path / "ref", [f"{i:012d}.jpg" for i in range(6)], seed=2)
+    fake = write_images(tmp_path / "fake", [f"prompt_{i}.png" for i in range(5)], seed=1)
+    ref = write_images(tmp_path / "ref", [f"{i:012d}.jpg" for i in range(6)], seed=2)
     stats = {f"prompt_{i}": {"prompt": f"a photo number {i}"} for i in range(5)}
     (fake / "global_statistics_0_5.json").write_text(json.dumps(stats))
     return fake, ref
 
 
-def test_eval_fid_clip_cli_reports_fid_and_clip(folders, tmp_path, monkeypatch, capsys):
-    fake, ref = folders
-    monkeypatch.setattr(ev, "load_inception", lambda path, device: _MeanColour())
-    clip = _tiny_clip(tmp_path / "clip")
-    cli.main(["eval_fid_clip", "--fake_dir", str(fake), "--ref_dir", str(ref), "--caption_path",
-              str(fake / "global_statistics_0_5.json"), "--clip_path", str(clip), "--how_many", "4",
-              "--batch_size", "3", "--device", "cpu"])
-    report = json.loads((fake / "eval_fid_clip.json").read_text())
-    assert report["num_fake"] == 4 and report["num_ref"] == 4
-    assert report["fid"] > 0 and -100 <= report["clip_score"] <= 100
-    assert "FID" in capsys.readouterr().out
+def test_eval_fid_clip_with_the_fid_inception_layout(inception_file, tmp_path, capsys):
+    """FID of a folder against itself is 0 and against noise is large; KID and IS come along; the reference
+    statistics cached to .npz give the same FID without re-extracting."""
+    same = write_images(tmp_path / "a", [f"prompt_{i}.png" for i in range(4)], arrays=smooth_images(4, 48, 7))
+    noise = write_images(tmp_path / "noise", [f"n{i}.png" for i in range(4)], size=48, seed=3)
+    args = ["eval_fid_clip", "--fake_dir", str(same), "--inception_path", str(inception_file), "--device", "cpu",
+            "--batch_size", "2"]
+    cli.main(args + ["--ref_dir", str(same), "--output", str(tmp_path / "self.json"),
+                     "--save_ref_stats", str(tmp_path / "ref.npz")])
+    cli.main(args + ["--ref_dir", str(noise), "--output", str(tmp_path / "noise.json")])
+    self_fid = json.loads((tmp_path / "self.json").read_text())
+    noise_fid = json.loads((tmp_path / "noise.json").read_text())
+    assert abs(self_fid["fid"]) < 1e-6 and noise_fid["fid"] > 1.0
+    assert noise_fid["kid_mean"] > self_fid["kid_mean"] and "inception_score_mean" in noise_fid
+    assert "FID_256px" in capsys.readouterr().out
+    with np.load(tmp_path / "ref.npz") as z:
+        assert z["mu"].shape == (2048,) and z["sigma"].shape == (2048, 2048)
+    cli.main(args + ["--ref_dir", str(tmp_path / "ref.npz"), "--output", str(tmp_path / "npz.json")])
+    assert json.loads((tmp_path / "npz.json").read_text())["fid"] == pytest.approx(self_fid["fid"], abs=1e-6)
+    with pytest.raises(SystemExit):  # statistics made at another --eval_res are refused, not silently compared
+        cli.main(args + ["--ref_dir", str(tmp_path / "ref.npz"), "--eval_res", "128"])
+    assert "eval_res 256" in capsys.readouterr().err
 
-    # against itself: FID 0; reference statistics may also come precomputed as .npz
-    cli.main(["eval_fid_clip", "--fake_dir", str(fake), "--ref_dir", str(fake), "--output", str(tmp_path / "same.json")])
-    assert json.loads((tmp_path / "same.json").read_text())["fid"] == pytest.approx(0.0, abs=1e-6)
-    mu, sigma = ev.feature_statistics(ev.extract_features(_MeanColour(), ev.list_images(ref), 2, torch.device("cpu")))
-    np.savez(tmp_path / "ref_stats.npz", mu=mu, sigma=sigma)
-    cli.main(["eval_fid_clip", "--fake_dir", str(fake), "--ref_dir", str(tmp_path / "ref_stats.npz"),
-              "--output", str(tmp_path / "npz.json")])
-    direct = ev.frechet_distance(*ev.feature_statistics(ev.extract_features(
-        _MeanColour(), ev.list_images(fake), 2, torch.device("cpu"))), mu, sigma)
-    assert json.loads((tmp_path / "npz.json").read_text())["fid"] == pytest.approx(direct)
+
+def test_eval_fid_clip_demo_features_against_the_bundled_digits(tmp_path):
+    from models.demo.data import load_digit_images
+
+    if not ev.default_classifier_path().exists():
+        pytest.skip("bundled demo classifier not present")
+    images, labels = load_digit_images()
+    arrays = [((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8) for x in images[:30]]
+    real = write_images(tmp_path / "real", [f"prompt_{i}.png" for i in range(30)], arrays=arrays)
+    (real / "global_statistics_0_30.json").write_text(json.dumps(
+        {f"prompt_{i}": {"prompt": str(int(labels[i]))} for i in range(30)}))
+    noise = write_images(tmp_path / "noise", [f"prompt_{i}.png" for i in range(30)], size=32, seed=0)
+    out = {}
+    for name, folder in (("real", real), ("noise", noise)):
+        cli.main(["eval_fid_clip", "--fake_dir", str(folder), "--ref_dir", "digits", "--feature_extractor", "demo",
+                  "--caption_path", str(real / "global_statistics_0_30.json"), "--output", str(tmp_path / f"{name}.json")])
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert out["real"]["class_accuracy"] > 0.9 and out["noise"]["class_accuracy"] < 0.5
+    assert out["real"]["demo_fid"] < out["noise"]["demo_fid"] / 5 and out["real"]["num_ref"] == 1797
+    # reference statistics without features (mu, sigma only, as other tools write them) use the sqrtm path
+    feats = ev.digit_reference_features(ev.load_demo_features(None, CPU))
+    mu, sigma = ev.feature_statistics(feats)
+    np.savez(tmp_path / "digits_stats.npz", mu=mu, sigma=sigma)
+    cli.main(["eval_fid_clip", "--fake_dir", str(real), "--ref_dir", str(tmp_path / "digits_stats.npz"),
+              "--feature_extractor", "demo", "--output", str(tmp_path / "stats.json")])
+    assert json.loads((tmp_path / "stats.json").read_text())["demo_fid"] == pytest.approx(out["real"]["demo_fid"],
+                                                                                        rel=1e-4)
+    cli.main(["eval_prec_recall", "--fake_dir", str(real), "--ref_dir", "digits", "--feature_extractor", "demo",
+              "--output", str(tmp_path / "pr.json")])
+    pr = json.loads((tmp_path / "pr.json").read_text())
+    assert pr["precision"] > 0.9 and pr["num_ref"] == 1797
 
 
 def test_eval_prec_recall_cli_reports_precision_and_recall(folders, tmp_path, monkeypatch, capsys):
@@ -233,35 +302,78 @@ def test_eval_prec_recall_cli_reports_precision_and_recall(folders, tmp_path, mo
     assert "precision" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("task, flag", [("eval_fid_clip", "--inception_path"), ("eval_prec_recall", "--vgg_path")])
-def test_cli_missing_weights_exit_2_naming_the_flag(folders, tmp_path, task, flag, capsys):
+def test_vgg16_preprocessing_is_the_originals_bilinear_224_squash():
+    arr = np.zeros((30, 60, 3), dtype=np.uint8)
+    arr[:, :15, 0] = 255  # red strip on the left survives: no crop, the aspect ratio is squashed
+    x = ev.VGG16Fc2.preprocess(Image.fromarray(arr))
+    assert x.shape == (3, 224, 224) and x[0, :, :40].mean() > 0.9
+    expected = np.asarray(Image.fromarray(arr).resize((224, 224), Image.BILINEAR), dtype=np.float32) / 255
+    torch.testing.assert_close(x, torch.from_numpy(expected).permute(2, 0, 1))
+
+
+def test_vgg16_layout_is_checked_key_by_key(tmp_path):
+    from torchvision.models import vgg16
+
+    with torch.device("meta"):
+        layout = vgg16(weights=None).state_dict()
+    ev.check_state_dict(layout, dict(layout), "--vgg_path", tmp_path, "vgg16")  # the real names and shapes pass
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="--vgg_path.*not a torchvision vgg16.*missing"):
+        ev.load_vgg16(tmp_path / "partial.pth", CPU)
+
+
+@pytest.mark.parametrize("task, flag, filename", [
+    ("eval_fid_clip", "--inception_path", "weights-inception-2015-12-05-6726825d.pth"),
+    ("eval_prec_recall", "--vgg_path", "vgg16-397923af.pth"),
+    ("eval_fid_clip", "--clip_path", "ViT-B-32.pt"),
+])
+def test_missing_weights_exit_2_naming_the_flag_and_file_before_any_extraction(folders, tmp_path, monkeypatch,
+                                                                              capsys, inception_file, task, flag,
+                                                                              filename):
     fake, ref = folders
+    monkeypatch.setattr(ev, "extract_features", lambda *a, **k: pytest.fail("features extracted before the check"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = [task, "--fake_dir", str(fake), "--ref_dir", str(ref), flag, str(tmp_path / "missing" / filename)]
+    if flag == "--clip_path":
+        argv += ["--inception_path", str(inception_file), "--caption_path", str(fake / "global_statistics_0_5.json")]
     with pytest.raises(SystemExit) as e:
-        cli.main([task, "--fake_dir", str(fake), "--ref_dir", str(ref), flag, str(tmp_path / "missing.pth")])
+        cli.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert flag in err and "missing.pth" in err and "Traceback" not in err
+    assert flag in err and filename in err and "never downloaded" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_cli_captions_without_clip_weights_exit_2(folders, capsys):
+def test_default_weight_locations_are_named_when_no_flag_is_given(folders, capsys):
     fake, ref = folders
-    with pytest.raises(SystemExit) as e:
-        cli.main(["eval_fid_clip", "--fake_dir", str(fake), "--ref_dir", str(ref),
-                  "--caption_path", str(fake / "global_statistics_0_5.json")])
-    assert e.value.code == 2
-    assert "--clip_path" in capsys.readouterr().err
+    if ev.INCEPTION_WEIGHTS.default.exists():
+        pytest.skip("FID Inception weights are installed at the default location")
+    with pytest.raises(SystemExit):
+        cli.main(["eval_fid_clip", "--fake_dir", str(fake), "--ref_dir", str(ref)])
+    assert "ckpts/eval/weights-inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_eval_cli_with_real_inception_and_vgg_layouts(folders, tmp_path):
-    """End to end with random-init torchvision Inception-v3 / VGG16 state dicts (the real loading paths)."""
-    from torchvision.models import inception_v3, vgg16
+def test_fid_equals_torch_fidelitys_own_pipeline(inception_file, tmp_path):
+    """On 299-px images and --eval_res 0 the project's FID/KID equal torch-fidelity's calculate_metrics."""
+    import torch_fidelity
+
+    a = write_images(tmp_path / "a", [f"{i}.png" for i in range(6)], arrays=smooth_images(6, 299, 1))
+    b = write_images(tmp_path / "b", [f"{i}.png" for i in range(6)], arrays=smooth_images(6, 299, 2))
+    theirs = torch_fidelity.calculate_metrics(input1=str(a), input2=str(b), fid=True, kid=True, cuda=False,
+                                              cache=False, verbose=False, kid_subset_size=6,
+                                              feature_extractor_weights_path=str(inception_file))
+    cli.main(["eval_fid_clip", "--fake_dir", str(a), "--ref_dir", str(b), "--eval_res", "0", "--inception_path",
+              str(inception_file), "--kid_subset_size", "6", "--output", str(tmp_path / "ours.json")])
+    ours = json.loads((tmp_path / "ours.json").read_text())
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_eval_prec_recall_with_the_real_vgg16_layout(folders, tmp_path):
+    from torchvision.models import vgg16
 
     fake, ref = folders
-    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), tmp_path / "inc.pt")
-    cli.main(["eval_fid_clip", "--fake_dir", str(fake), "--ref_dir", str(ref), "--inception_path",
-              str(tmp_path / "inc.pt"), "--device", "cpu", "--output", str(tmp_path / "fid.json")])
-    assert np.isfinite(json.loads((tmp_path / "fid.json").read_text())["fid"])
     torch.save({"state_dict": vgg16(weights=None).state_dict()}, tmp_path / "vgg.pth")
     cli.main(["eval_prec_recall", "--fake_dir", str(fake), "--ref_dir", str(ref), "--vgg_path",
               str(tmp_path / "vgg.pth"), "--device", "cpu", "--output", str(tmp_path / "pr.json")])

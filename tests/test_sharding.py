@@ -30,7 +30,8 @@ def test_two_process_generation_matches_single_process(tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1",
               "--main_process_port", str(_free_port())]
-    subprocess.run(launch + common + ["--output_dir", str(tmp_path / "two")], cwd=REPO_ROOT, env=env, check=True,
+    # the split run also decodes in batches of 2: neither the split nor the batching shows in the results
+    subprocess.run(launch + common + ["--output_dir", str(tmp_path / "two"), "--batch_size", "2"], cwd=REPO_ROOT, env=env, check=True,
                    capture_output=True, timeout=300)
     subprocess.run([sys.executable] + common + ["--output_dir", str(tmp_path / "one")], cwd=REPO_ROOT, env=env,
                    check=True, capture_output=True, timeout=300)

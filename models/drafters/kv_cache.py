@@ -3,8 +3,13 @@
 One tensor pair per layer of shape (batch, kv_heads, max_len, head_dim). A forward call writes the
 new keys/values at ``cache_pos`` and attends over the first ``kv_len`` slots; the caller's attention mask
 says which of those slots each query may see. Speculative verification writes the whole draft tree
-after the committed prefix, then :meth:`commit` moves the accepted path's rows into place — no
-recomputation.
+after the committed prefix, then :meth:`commit` (or :meth:`commit_rows`) moves the accepted path's rows into
+place — no recomputation.
+
+Batches whose rows have different committed lengths (batched speculative decoding: every prompt accepts its
+own number of drafts per round) use per-row slots: ``cache_pos`` may be (batch, q) — row b writes at its own
+slots — and :meth:`commit_rows` copies each row's accepted slots to its own destination. Which slots a row
+may attend to is the caller's mask (the cache itself keeps no per-row length).
 """
 
 from __future__ import annotations
@@ -34,9 +39,14 @@ class KVCache:
     def update(
         self, layer: int, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, q, D) at ``cache_pos`` (q,) and return the first ``kv_len`` slots."""
-        self.k[layer].index_copy_(2, cache_pos, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(2, cache_pos, v.to(self.v[layer].dtype))
+        """Write k, v (B, H, q, D) at ``cache_pos`` (q,) or per row (B, q); return the first ``kv_len`` slots."""
+        if cache_pos.ndim == 1:
+            self.k[layer].index_copy_(2, cache_pos, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, cache_pos, v.to(self.v[layer].dtype))
+        else:  # row b writes its q entries at its own slots cache_pos[b]
+            rows = torch.arange(k.shape[0], device=cache_pos.device)[:, None]
+            self.k[layer][rows, :, cache_pos] = k.transpose(1, 2).to(self.k[layer].dtype)
+            self.v[layer][rows, :, cache_pos] = v.transpose(1, 2).to(self.v[layer].dtype)
         return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
 
     def commit(self, src_pos: torch.Tensor, dst_start: int) -> None:
@@ -52,6 +62,18 @@ class KVCache:
                 kk.index_copy_(2, dst, kk.index_select(2, src_pos))
                 vv.index_copy_(2, dst, vv.index_select(2, src_pos))
         self.length = dst_start + n
+
+    def commit_rows(self, src_pos: torch.Tensor, dst_pos: torch.Tensor) -> None:
+        """Per-row commit: row b's slots ``src_pos[b]`` (B, n) are copied to ``dst_pos[b]`` in every layer.
+
+        Rows with fewer entries pad both tensors by repeating their last (src, dst) pair (the same value is
+        written twice). All sources are read before anything is written, so overlapping ranges are safe.
+        ``length`` is not meaningful for such a cache (rows differ); the caller tracks per-row lengths.
+        """
+        rows = torch.arange(src_pos.shape[0], device=src_pos.device)[:, None]
+        for kk, vv in zip(self.k, self.v):
+            kk[rows, :, dst_pos] = kk[rows, :, src_pos]
+            vv[rows, :, dst_pos] = vv[rows, :, src_pos]
 
     def select_batch(self, rows: torch.Tensor) -> None:
         """Keep only batch rows ``rows`` (e.g. drop finished samples)."""

@@ -136,10 +136,11 @@ def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x (B, S, H, D) by freqs (S, D/2, 2) = (cos, sin), in float32.
 
     (x0 + i·x1)·(cos + i·sin) as one complex product: the same arithmetic as LlamaGen's stacked form
-    (bitwise equal), several times faster for multi-token calls.
+    (bitwise equal), several times faster for multi-token calls. ``freqs`` may also be per row (B, S, D/2, 2)
+    (explicit per-row positions: batched speculative decoding, where every prompt sits at its own position).
     """
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
-    fc = torch.view_as_complex(freqs.float().contiguous()).view(1, x.shape[1], 1, -1)
+    fc = torch.view_as_complex(freqs.float().contiguous()).unsqueeze(-2)  # (S, 1, D/2) or (B, S, 1, D/2)
     return torch.view_as_real(xc * fc).flatten(3).type_as(x)
 
 
@@ -335,8 +336,8 @@ class LlamaGenGPT(nn.Module):
     ) -> torch.Tensor:
         """Input embeddings h (B, q, dim) -> last hidden states after the final norm (B, q, dim).
 
-        ``rope_pos`` (q,) indexes the RoPE table (= sequence position). With a cache, keys/values are
-        written at ``cache_pos`` (q,) and queries see the first ``attn_mask.shape[-1]`` slots, filtered by
+        ``rope_pos`` (q,) indexes the RoPE table (= sequence position); (B, q) gives every row its own
+        positions. With a cache, keys/values are written at ``cache_pos`` (q,) (or per row, (B, q)) and queries see the first ``attn_mask.shape[-1]`` slots, filtered by
         the boolean ``attn_mask`` (B or 1, 1, q, kv_len; True = may attend). Without a cache and without a
         mask, attention is causal over the q inputs.
         """
