@@ -27,7 +27,7 @@ its own prefix. A finished prompt drops out. Random draws come from one generato
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -267,7 +267,8 @@ class SpeculativeDecoder:
                                   roots[:, None]], dim=1).repeat(streams, 1)
         pend_len = torch.full((batch,), t, dtype=torch.long, device=dev)
         dlen = torch.zeros(batch, dtype=torch.long, device=dev)
-        per = [{"accept_lengths": [], "attempted": [], "accepted": [], "image_counts": []} for _ in range(batch)]
+        per = [{"accept_lengths": [], "attempted": [], "accepted": [], "image_counts": [], "node_tvd": []}
+               for _ in range(batch)]
         forwards = 1
         greedy = self.sampling.greedy
         build = self._static_tree if self.template is not None else self._dynamic_tree
@@ -321,6 +322,7 @@ class SpeculativeDecoder:
                 new_ids.append(_pad_last(new, a_max))
                 st = per[b]
                 st["accept_lengths"].append(res.accept_len)
+                st["node_tvd"].append(res.node_tvd)
                 st["attempted"].append(res.attempted_per_depth)
                 st["accepted"].append(res.accepted_per_depth)
             pend_feat = h_t[torch.arange(rows, device=dev)[:, None], path.repeat(streams, 1)]
@@ -341,7 +343,7 @@ class SpeculativeDecoder:
         if tokens.is_cuda:
             torch.cuda.synchronize(tokens.device)
         latency = time.perf_counter() - start
-        per_prompt = [_prompt_stats(st) for st in per]
+        per_prompt = [{**_prompt_stats(st), **_tvd_summary(st["node_tvd"], n_tok - 1)} for st in per]
         extra = {
             "step_compression": sum(p["step_compression"] for p in per_prompt) / batch,
             "acceptance_by_depth": _by_depth([a for st in per for a in st["accepted"]],
@@ -351,6 +353,9 @@ class SpeculativeDecoder:
             # free (forced) tokens such as Lumina's newlines excluded: image tokens per target forward
             "step_compression_image": sum(p["step_compression_image"] for p in per_prompt) / batch,
         }
+        if per_prompt and "node_tvd_mean" in per_prompt[0]:  # the realised shift per emitted token (issue 13)
+            extra["node_tvd_mean"] = sum(p["node_tvd_mean"] for p in per_prompt) / len(per_prompt)
+            extra["node_tvd_max"] = max(p["node_tvd_max"] for p in per_prompt)
         return tokens, GenerationStats(latency, n_tok * batch, forwards, extra)
 
 
@@ -386,6 +391,15 @@ def _by_depth(accepted: list[torch.Tensor], attempted: list[torch.Tensor]) -> li
     for a, b in zip(accepted, attempted):
         acc, att = _add_padded(acc, a), _add_padded(att, b)
     return [(float(a) / float(b) if b > 0 else float("nan")) for a, b in zip(acc.tolist(), att.tolist())]
+
+
+def _tvd_summary(tvds: list, n: int) -> dict:
+    """Mean / max realised per-node TVD (``VerifyResult.node_tvd``) over the first n verified tokens."""
+    vals = [t for t in tvds if t is not None]
+    vals = torch.cat(vals)[:n] if vals else None
+    if vals is None or vals.numel() == 0:
+        return {}
+    return {"node_tvd_mean": float(vals.double().mean()), "node_tvd_max": float(vals.max())}
 
 
 def _prompt_stats(st: dict) -> dict:
@@ -424,9 +438,12 @@ def build_speculative_decoder(family, args, sampling: SamplingConfig, cfg_scale:
         accept = AcceptConfig(relax="lantern++", k=args.lantern_k, lam=args.lantern_lambda)
     else:
         accept = AcceptConfig.from_original_flags(args.lantern, args.lantern_k, args.lantern_delta)
+    if accept.enabled:  # --lantern_budget / --lantern_residual (issue 13)
+        accept = replace(accept, budget=getattr(args, "lantern_budget", "sibling"),
+                         residual=getattr(args, "lantern_residual", "exact"))
     neighbours = None
     if accept.enabled:
-        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.k,
+        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.table_columns,
                                           num_codes=getattr(family, "num_codes", None)).to(param.device)
         if hasattr(family, "neighbours_for_engine"):  # tables are in VQ indices; Chameleon's tokens are not
             neighbours = family.neighbours_for_engine(neighbours)
