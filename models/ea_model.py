@@ -70,6 +70,14 @@ class TreeConfig:
             return len(self.static_choices) + 1
         return self.total_token
 
+    @property
+    def drafter_slots(self) -> int:
+        """Drafter-cache slots one tree needs past the committed prefix: a dynamic tree feeds ``top_k_draft``
+        frontier nodes per level for ``depth − 1`` levels, which can exceed ``total_token``."""
+        if self.static_choices is not None:
+            return self.max_nodes
+        return max(self.total_token, self.top_k_draft * (self.depth - 1) + 1)
+
 
 def _gumbel_topk(log_q: torch.Tensor, k: int, u: torch.Tensor) -> torch.Tensor:
     """k draws without replacement from softmax-normalised ``log_q`` (..., V), in sampling order (Gumbel-top-k);
@@ -246,7 +254,8 @@ class SpeculativeDecoder:
         t, dev, streams, batch = prefix.length, prefix.embeddings.device, prefix.streams, prefix.batch_size
         check_generators(generator, batch)
         max_len = t + n_tok + self.tree_cfg.max_nodes + 1
-        tcache, dcache = target.new_cache(prefix.rows, max_len), self.drafter.new_cache(prefix.rows, max_len)
+        tcache = target.new_cache(prefix.rows, max_len)
+        dcache = self.drafter.new_cache(prefix.rows, t + n_tok + self.tree_cfg.drafter_slots + 1)
         keys = key_validity(prefix, max_len)  # (rows, max_len) prefix validity; generated slots True
 
         self._prefix_len = t
