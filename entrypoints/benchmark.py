@@ -10,6 +10,12 @@ and reports images/s and tokens/s per setting and batch size, with τ per prompt
 each setting in turn (interleaved), so a machine whose load changes during the run affects all settings alike;
 the speed-up column compares each setting with plain AR at the same batch size.
 
+Honest timings (issue 8): ``--repeats R`` passes over the prompts, each batch running every setting in a rotated
+order; latencies are medians with IQRs over every image of every pass, and the speed-up's spread is that of the
+batch-by-batch ratios against the AR run beside it. On CPU the benchmark runs one intra-op thread unless
+``--threads`` says otherwise. A second table (skip with ``--no_profile``) gives the aten ops per round (per step
+for AR) and the per-phase time split of a round, measured by the program (:mod:`models.profiling`).
+
 Setting syntax: ``NAME[:key=value,...]`` with NAME in ar, eagle2 (dynamic tree, exact), eagle1 (static tree,
 exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta, lam, tree, top_k_draft, depth,
 total_token, budget (node, the default | sibling), residual (exact | original | original_lumina). Example:
@@ -40,6 +46,7 @@ from entrypoints.common import (
 )
 from entrypoints.outputs import check_output_dir
 from entrypoints.validation import check_counts, parse_number, validate_benchmark_setting, validate_sampling_args
+from models.profiling import spread
 from models.registry import MODELS, REPO_ROOT
 
 DEFAULT_BUDGET = "node"  # LANTERN's δ bounds each node's shift (as generate_images --lantern_budget); see README
@@ -75,6 +82,10 @@ def parse_args() -> argparse.ArgumentParser:
     p.add_argument("--verify_cost", action="store_true", help="time tree verification vs one AR step instead")
     p.add_argument("--batch_size", type=int, nargs="+", default=[1],
                    help="prompts per batch; several values give one row per setting and batch size")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed passes over the prompts (medians and spreads are over every image of every pass)")
+    p.add_argument("--no_profile", action="store_true",
+                   help="skip the aten-ops-per-round count and the per-phase time split")
     add_device_args(p)
     return p
 
@@ -197,13 +208,22 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         chunks = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
         for s in settings:
             one(s["label"], chunks[0])  # warm-up, not timed
-        acc = {s["label"]: {"time": 0.0, "taus": [], "fwd": [], "toks": [], "depth": [], "tvd_mean": [], "tvd_max": []}
-               for s in settings}
-        for chunk in tqdm(chunks, desc=f"batch {bs}", unit="batch", leave=False):
-            for s in settings:  # interleaved: every batch of prompts runs every setting
+        acc = {s["label"]: {"time": 0.0, "taus": [], "fwd": [], "toks": [], "depth": [], "tvd_mean": [], "tvd_max": [],
+                            "per_image": [], "ratio": []} for s in settings}
+        passes = [(r, c, chunk) for r in range(args.repeats) for c, chunk in enumerate(chunks)]
+        for r, c, chunk in tqdm(passes, desc=f"batch {bs}", unit="batch", leave=False):
+            # interleaved: every batch of prompts runs every setting, in an order rotated from batch to batch so
+            # no setting always runs first (cache warmth) or right after the slowest one
+            order = [settings[(j + c + r) % len(settings)] for j in range(len(settings))]
+            lat = {}
+            for s in order:
                 tokens, st = one(s["label"], chunk)
+                lat[s["label"]] = st.latency / len(chunk)
                 a = acc[s["label"]]
                 a["time"] += st.latency
+                a["per_image"].append(lat[s["label"]])
+                if r > 0:  # tokens, τ and forwards do not depend on the pass (fixed per-image seeds)
+                    continue
                 a["toks"].append(tokens)
                 per = st.extra.get("per_prompt", [{"step_compression": 1.0, "target_forwards": st.target_forwards}]
                                    * len(chunk))
@@ -212,13 +232,24 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 a["depth"] += [p["acceptance_by_depth"] for p in per if "acceptance_by_depth" in p]
                 a["tvd_mean"] += [p["node_tvd_mean"] for p in per if "node_tvd_mean" in p]
                 a["tvd_max"] += [p["node_tvd_max"] for p in per if "node_tvd_max" in p]
+            if "ar" in lat:  # the speed-up of this batch, against plain AR run beside it
+                for label, v in lat.items():
+                    acc[label]["ratio"].append(lat["ar"] / v)
         for s in settings:
             a = acc[s["label"]]
             tokens = torch.cat(a["toks"])
+            lat_s = spread(a["per_image"])
+            total_images = len(prompts) * args.repeats
             row = {"setting": s["label"], "batch_size": bs, "tau": statistics.mean(a["taus"]),
-                   "latency_s": a["time"] / len(prompts), "images_per_s": len(prompts) / a["time"],
-                   "tokens_per_s": len(prompts) * family.num_image_tokens / a["time"],
+                   "latency_s": lat_s["median"], "latency_spread": lat_s,
+                   "images_per_s": total_images / a["time"],
+                   "tokens_per_s": total_images * family.num_image_tokens / a["time"],
                    "target_forwards": statistics.mean(a["fwd"])}
+            if a["ratio"]:
+                row["speedup_spread"] = spread(a["ratio"])
+            if not args.no_profile and bs == args.batch_size[0]:
+                row["profile"] = _profile(s, decoders[s["label"]], family, prompts, chunks[0], cfg_scale, sampling,
+                                          device, args.random_seed)
             if a["tvd_mean"]:  # every image has the same number of tokens: the mean of means is per token
                 row["node_tvd_mean"], row["node_tvd_max"] = statistics.mean(a["tvd_mean"]), max(a["tvd_max"])
             if classifier is not None:
@@ -238,16 +269,26 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 name = s["label"].replace(":", "_") + ("" if args.batch_size == [1] else f"_b{bs}")
                 save_image(family.decode_images(tokens), out / f"{name}.png", nrow=10)
             results.append(row)
-    for r in results:  # against plain AR at the same batch size
+    ar_prof = {r["batch_size"]: r["profile"] for r in results if r["setting"] == "ar" and "profile" in r}
+    for r in results:  # against plain AR at the same batch size: ratio of the median latencies (the spread shown
+        # beside it is that of the batch-by-batch ratios, each setting against the AR run next to it)
         base = next((b["latency_s"] for b in results if b["setting"] == "ar" and b["batch_size"] == r["batch_size"]),
                     None)
         r["speedup_vs_ar"] = base / r["latency_s"] if base else None
+        base = ar_prof.get(r["batch_size"])
+        if base and "profile" in r and r["setting"] != "ar":
+            p = r["profile"]
+            p["round_over_ar_step"] = p["round_s"] / base["step_s"]
+            p["ops_round_over_ar_step"] = p["ops_per_round"] / base["ops_per_step"]
     report = {"model": args.model, "num_images": len(prompts), "device": str(device), "dtype": str(dtype),
-              "threads": torch.get_num_threads(), "sampling": vars(sampling), "cfg": cfg_scale,
+              "threads": torch.get_num_threads(), "repeats": args.repeats,
+              "sampling": vars(sampling), "cfg": cfg_scale,
               "command": "python main.py benchmark " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["benchmark"] else sys.argv[1:]),
               "results": results}
     (out / "benchmark.json").write_text(json.dumps(report, indent=2))
     table = _markdown(results)
+    if not args.no_profile:
+        table += "\n\n" + _profile_markdown(results)
     (out / "benchmark.md").write_text(table + "\n")
     from models.plots import write_csv, write_plots
 
@@ -261,15 +302,58 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     return report
 
 
+def _profile(setting: dict, decoder, family, prompts, chunk, cfg_scale, sampling, device, seed: int) -> dict:
+    """Ops per round / per AR step and the per-phase time split, on the first batch of prompts (untimed runs)."""
+    from models.profiling import profile_ar_step, profile_speculative
+
+    prefix = family.build_prefix([prompts[i] for i in chunk], cfg_scale)
+
+    def gens():
+        return [torch.Generator(device=device).manual_seed(seed + i) for i in chunk]
+
+    if decoder is None:
+        return profile_ar_step(family.target, prefix, family.num_image_tokens, sampling, gens, family.allowed_tokens)
+    return profile_speculative(decoder, prefix, gens)
+
+
+def _profile_markdown(results: list[dict]) -> str:
+    """Ops per round and where a round's time goes (one untimed image per setting; first batch size)."""
+    from models.profiling import ROUND_PHASES
+
+    head = ("| setting | aten ops / round (AR: / step) | round time (ms) | round ÷ AR step (time) | "
+            "round ÷ AR step (ops) | " + " | ".join(f"{p} %" for p in ROUND_PHASES) + " |")
+    lines = [head, "|" + "---|" * (5 + len(ROUND_PHASES))]
+    for r in results:
+        p = r.get("profile")
+        if not p:
+            continue
+        if r["setting"] == "ar":
+            lines.append(f"| ar | {p['ops_per_step']:.0f} | {1000 * p['step_s']:.2f} | 1 | 1 |"
+                         + " — |" * len(ROUND_PHASES))
+            continue
+        rt = f"{p['round_over_ar_step']:.2f}" if "round_over_ar_step" in p else "—"
+        ro = f"{p['ops_round_over_ar_step']:.2f}" if "ops_round_over_ar_step" in p else "—"
+        shares = " | ".join(f"{100 * p['time_share'][ph]:.0f}" for ph in ROUND_PHASES)
+        lines.append(f"| {r['setting']} | {p['ops_per_round']:.0f} | {1000 * p['round_s']:.2f} | {rt} | {ro} | "
+                     f"{shares} |")
+    return "\n".join(lines)
+
+
 def _markdown(results: list[dict]) -> str:
     has_acc = any("accuracy" in r for r in results)
-    head = ("| setting | batch | τ | latency (s / image) | images/s | tokens/s | speed-up vs AR (same batch) | "
-            "target forwards |") + (" accuracy |" if has_acc else "") + " node TVD mean / max |"
+    head = ("| setting | batch | τ | latency (s / image), median [IQR] | images/s | tokens/s | "
+            "speed-up vs AR (same batch) [IQR of per-batch ratios] | target forwards |") + (" accuracy |" if has_acc else "") + \
+        " node TVD mean / max |"
     sep = "|---|---|---|---|---|---|---|---|" + ("---|" if has_acc else "") + "---|"
     lines = [head, sep]
     for r in results:
         sp = f"{r['speedup_vs_ar']:.2f}×" if r.get("speedup_vs_ar") else "—"
-        line = (f"| {r['setting']} | {r['batch_size']} | {r['tau']:.2f} | {r['latency_s']:.3f} | "
+        if "speedup_spread" in r:
+            sp += f" [{r['speedup_spread']['q1']:.2f}–{r['speedup_spread']['q3']:.2f}]"
+        lat = f"{r['latency_s']:.3f}"
+        if "latency_spread" in r:
+            lat += f" [{r['latency_spread']['q1']:.3f}–{r['latency_spread']['q3']:.3f}]"
+        line = (f"| {r['setting']} | {r['batch_size']} | {r['tau']:.2f} | {lat} | "
                 f"{r['images_per_s']:.2f} | {r['tokens_per_s']:.0f} | {sp} | {r['target_forwards']:.1f} |")
         if has_acc:
             line += f" {100 * r['accuracy']:.0f} % |"
@@ -279,8 +363,13 @@ def _markdown(results: list[dict]) -> str:
 
 
 def run_verify_cost(args: argparse.Namespace) -> dict:
-    """Median time of one target forward over n tree nodes (after a prefix) relative to one AR step (n = 1)."""
+    """Median time of one target forward over n tree nodes (after a prefix) relative to one AR step (n = 1).
+
+    Sizes are timed interleaved (every lap runs every size, rotated) and the ratio is taken within each lap, so
+    a change of machine load hits all sizes alike; medians and IQRs over ``10 × --repeats`` laps.
+    """
     from models.generation import key_validity, prefill
+    from models.profiling import OpCounter
     from models.registry import load_family
 
     device = resolve_device(args.device)
@@ -301,26 +390,51 @@ def run_verify_cost(args: argparse.Namespace) -> dict:
         mask = keys[:, None, None, :ctx].expand(-1, 1, ctx - t, -1) & torch.ones(ctx - t, ctx, dtype=torch.bool,
                                                                                   device=device).tril(t)
         target.forward_hidden(target.embed_tokens(ids), pos, cache, pos, mask)
-        res = {}
+        inputs = {}
         for n in sizes:
             tree_mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()
             m = torch.cat([keys[:, None, None, :ctx].expand(-1, 1, n, -1), tree_mask[None, None].expand(rows, 1, -1, -1)], -1)
             slots = torch.arange(ctx, ctx + n, device=device)
             rope = ctx + torch.arange(n, device=device) % 6  # tree depths stay small; cost does not depend on them
             emb = target.embed_tokens(torch.zeros(rows, n, dtype=torch.long, device=device))
-            times = []
-            for _ in range(30):
+            inputs[n] = (emb, rope, slots, m)
+
+        def forward(n):
+            emb, rope, slots, m = inputs[n]
+            target.lm_head(target.forward_hidden(emb, rope, cache, slots, m))
+
+        for n in sizes:  # warm-up, and the aten ops of one forward over n nodes
+            forward(n)
+        ops = {}
+        for n in sizes:
+            with OpCounter() as c:
+                forward(n)
+            ops[n] = c.total
+        times = {n: [] for n in sizes}
+        ratios = {n: [] for n in sizes}
+        for r in range(args.repeats * 10):  # interleaved: every repeat times every size, in a rotated order
+            lap = {}
+            for j in range(len(sizes)):
+                n = sizes[(j + r) % len(sizes)]
                 t0 = time.perf_counter()
-                h = target.forward_hidden(emb, rope, cache, slots, m)
-                target.lm_head(h)
+                forward(n)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - t0)
-            res[n] = statistics.median(times)
-    report = {"model": args.model, "context": ctx, "seconds": res, "relative_to_ar_step": {n: v / res[1] for n, v in res.items()}}
-    print("| tree nodes | time (ms) | × one AR step |\n|---|---|---|")
+                lap[n] = time.perf_counter() - t0
+                times[n].append(lap[n])
+            for n in sizes:
+                ratios[n].append(lap[n] / lap[1])
+    res = {n: spread(v) for n, v in times.items()}
+    rel = {n: spread(v) for n, v in ratios.items()}
+    report = {"model": args.model, "context": ctx, "threads": torch.get_num_threads(), "laps": args.repeats * 10,
+              "seconds": {n: v["median"] for n, v in res.items()}, "seconds_spread": res,
+              "relative_to_ar_step": {n: v["median"] for n, v in rel.items()}, "relative_spread": rel,
+              "aten_ops": ops}
+    print("| tree nodes | time (ms), median [IQR] | × one AR step, median [IQR] (same lap) | aten ops |\n|---|---|---|---|")
     for n in sizes:
-        print(f"| {n} | {1000 * res[n]:.2f} | {res[n] / res[1]:.2f} |")
+        t_, q = res[n], rel[n]
+        print(f"| {n} | {1000 * t_['median']:.2f} [{1000 * t_['q1']:.2f}–{1000 * t_['q3']:.2f}] | "
+              f"{q['median']:.2f} [{q['q1']:.2f}–{q['q3']:.2f}] | {ops[n]} |")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "verify_cost.json").write_text(json.dumps(report, indent=2))
@@ -332,7 +446,12 @@ def main(argv: list[str] | None = None) -> None:
     validate_sampling_args(args)
     check_counts(args, {"num_images": 1, "lantern_k": 1})
     check_output_dir(args.output_dir)
-    apply_threads(args.threads)
+    if args.repeats < 1:
+        raise UserError(f"--repeats {args.repeats}: must be >= 1")
+    on_cpu = resolve_device(args.device).type == "cpu"
+    # one intra-op thread on CPU unless asked: with other processes on the cores, extra threads make timings
+    # swing by an order of magnitude (README, "CPU threads")
+    threads = apply_threads(1 if args.threads is None and on_cpu else args.threads)
     for s in args.settings:  # fail fast on a typo
         parse_setting(s, args.lantern_k, args.tree_choices)
     from models.drafters.choices import get_tree_choices
@@ -341,6 +460,9 @@ def main(argv: list[str] | None = None) -> None:
         get_tree_choices(tree)  # a bad tree name fails now, not after the first settings ran
     if min(args.batch_size) < 1:
         raise UserError(f"--batch_size must be >= 1, got {min(args.batch_size)}")
+    print(f"benchmark: {threads} intra-op thread(s)"  # after validation: an error stays the first line
+          + (" (the benchmark's CPU default; --threads N to change)" if args.threads is None and on_cpu else ""),
+          file=sys.stderr)
     if args.verify_cost:
         run_verify_cost(args)
     else:

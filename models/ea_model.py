@@ -111,6 +111,7 @@ class SpeculativeDecoder:
             raise ValueError("relaxed acceptance (--lantern) needs a neighbour table (generate_codebook)")
         self.neighbours = neighbours
         self.template = None
+        self.profiler = None  # models.profiling.PhaseProfiler: phase marks for the benchmark (None = no cost)
         if self.tree_cfg.static_choices is not None:
             self.template = StaticTreeTemplate.from_choices(self.tree_cfg.static_choices)
             widest = int(self.template.num_children.max())
@@ -281,7 +282,10 @@ class SpeculativeDecoder:
         forwards = 1
         greedy = self.sampling.greedy
         build = self._static_tree if self.template is not None else self._dynamic_tree
+        prof = self.profiler
         while active:
+            if prof is not None:
+                prof.mark("drafter")
             gens = generator if generator is None or isinstance(generator, torch.Generator) else [
                 generator[b] for b in active]
             rows = keys.shape[0]
@@ -295,6 +299,8 @@ class SpeculativeDecoder:
             last = (pend_len - 1).repeat(streams)
             h_root = h_d[torch.arange(rows, device=dev), last][:, None]  # (rows, 1, H)
             dlen = lengths.clone()
+            if prof is not None:
+                prof.mark("tree")
             # 2. trees, written from the longest committed length on (shared slots)
             slot0 = int(lengths.max())
             pos_rows = lengths.repeat(streams)
@@ -302,6 +308,8 @@ class SpeculativeDecoder:
             roots_active = torch.cat([o[-1][-1:] for o in (outs[b] for b in active)])
             trees = build(roots_active, h_root, pos_rows, slot0, dcache, prefix_keys, gens)
             # 3. one target forward over every prompt's tree (trees padded to the largest node count)
+            if prof is not None:
+                prof.mark("target")
             tok, dep, tmask = _stack_trees(trees)
             n = tok.shape[1]
             mask = torch.cat([prefix_keys[:, None, None, :].expand(-1, 1, n, -1),
@@ -314,9 +322,13 @@ class SpeculativeDecoder:
             index = (pos_rows[: len(trees)] - t + 1)[:, None] + dep  # (B, n) image-token index of every node
             probs = target_probs(self._combine(target.lm_head(h_t), index), self.sampling)  # (B, n, V)
             # 4. verify every prompt's tree with its own random stream
+            if prof is not None:
+                prof.mark("verify")
             results = [verify_tree(tr, probs[i, : tr.num_nodes], self.accept, self.neighbours, greedy,
                                    prompt_generator(gens, i)) for i, tr in enumerate(trees)]
             # 5. commit: each prompt's accepted path moves to the end of its own committed prefix
+            if prof is not None:
+                prof.mark("commit")
             a_max = max(res.accept_len for res in results) + 1
             path = torch.stack([_pad_last(res.path, a_max) for res in results])  # (B, a_max)
             steps = torch.minimum(torch.arange(a_max, device=dev),
@@ -348,6 +360,8 @@ class SpeculativeDecoder:
                 keys, pend_feat = keys[krows], pend_feat[krows]
                 pend_ids, pend_len, lengths, dlen = pend_ids[krows], pend_len[kb], lengths[kb], dlen[kb]
                 active = [active[i] for i in keep]
+        if prof is not None:
+            prof.mark(None)
         tokens = torch.stack([torch.cat(o)[:n_tok] for o in outs])
         if tokens.is_cuda:
             torch.cuda.synchronize(tokens.device)

@@ -1,0 +1,140 @@
+"""Measuring tools for the benchmark: aten ops per phase, wall time per phase, and robust summaries.
+
+Why: a speculative round on a small model is bound by the dispatch of hundreds of tiny operators, not by its
+matmuls (issue 8). The benchmark therefore reports, from the program itself, how many aten operators one round
+and one AR step issue and where a round's time goes (drafter catch-up, tree building, target forward, verify,
+commit), with medians and spreads over interleaved repeats instead of one mean.
+
+:class:`PhaseProfiler` is attached to a :class:`~models.ea_model.SpeculativeDecoder` (``decoder.profiler``);
+the engine calls :meth:`PhaseProfiler.mark` at each phase boundary only when one is attached, so decoding
+without a profiler pays one ``is None`` test per phase. Ops are counted by :class:`OpCounter`, a
+``TorchDispatchMode`` that sees every aten operator call below autograd (views and in-place ops included).
+Op counting and timing are done in separate runs: the dispatch mode slows every op down.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROUND_PHASES = ("drafter", "tree", "target", "verify", "commit")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten operator calls (total and by name) while active (``with OpCounter() as c: ...``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+        self.by_op: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        self.by_op[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class PhaseProfiler:
+    """Wall time and (optionally) aten ops per phase of the speculative loop, summed over a generate call.
+
+    ``mark(name)`` closes the phase running since the previous mark and opens ``name``; ``mark(None)`` closes
+    without opening (end of the loop). ``rounds`` counts marks of ``"drafter"`` (the first phase of a round).
+    With ``counter`` set, op counts per phase are read from it; on CUDA every mark synchronises the device so
+    the time lands in the phase that launched the kernels.
+    """
+
+    def __init__(self, counter: OpCounter | None = None, sync_device: torch.device | None = None):
+        self.counter, self.sync_device = counter, sync_device
+        self.seconds: dict[str, float] = {}
+        self.ops: dict[str, int] = {}
+        self.rounds = 0
+        self._open: str | None = None
+        self._t = 0.0
+        self._n = 0
+
+    def mark(self, name: str | None) -> None:
+        if self.sync_device is not None and self.sync_device.type == "cuda":
+            torch.cuda.synchronize(self.sync_device)
+        now = time.perf_counter()
+        n = self.counter.total if self.counter is not None else 0
+        if self._open is not None:
+            self.seconds[self._open] = self.seconds.get(self._open, 0.0) + now - self._t
+            self.ops[self._open] = self.ops.get(self._open, 0) + n - self._n
+        if name == "drafter":
+            self.rounds += 1
+        self._open, self._t, self._n = name, now, n
+
+    def per_round(self, table: dict[str, float] | dict[str, int]) -> dict[str, float]:
+        """The round phases of ``table`` divided by the number of rounds."""
+        r = max(self.rounds, 1)
+        return {p: table.get(p, 0) / r for p in ROUND_PHASES}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, quartiles (IQR), min and max of a sample (the quartiles equal the value for one value)."""
+    vals = sorted(values)
+    if len(vals) >= 2:
+        q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive")
+    else:
+        q1 = q3 = vals[0]
+    return {"median": statistics.median(vals), "q1": q1, "q3": q3, "min": vals[0], "max": vals[-1], "n": len(vals)}
+
+
+def profile_speculative(decoder, prefix, generators_fn) -> dict:
+    """One generate call timed per phase, then one with ops counted per phase -> per-round numbers.
+
+    ``generators_fn()`` returns fresh generators (same seeds) so both calls decode the same tokens.
+    """
+    timer = PhaseProfiler(sync_device=prefix.embeddings.device)
+    decoder.profiler = timer
+    try:
+        decoder.generate(prefix, generators_fn())
+        counter = OpCounter()
+        ops = PhaseProfiler(counter)
+        decoder.profiler = ops
+        with counter:
+            decoder.generate(prefix, generators_fn())
+    finally:
+        decoder.profiler = None
+    sec = timer.per_round(timer.seconds)
+    opr = ops.per_round(ops.ops)
+    return {"rounds": timer.rounds, "seconds_per_round": sec, "round_s": sum(sec.values()),
+            "ops_per_round_by_phase": opr, "ops_per_round": sum(opr.values()),
+            "time_share": {p: v / max(sum(sec.values()), 1e-12) for p, v in sec.items()}}
+
+
+def profile_ar_step(target, prefix, num_tokens: int, sampling, generators_fn, allowed_tokens=None) -> dict:
+    """Aten ops and wall time of one plain-AR step: a whole ``generate_ar`` minus its prefill, over the steps."""
+    from models.generation import generate_ar, prefill
+
+    dev = prefix.embeddings.device
+
+    def run_prefill():
+        cache = target.new_cache(prefix.rows, prefix.length + num_tokens)
+        hidden = prefill(target, prefix, cache)
+        target.lm_head(hidden[:, -1]).float()
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    with torch.inference_mode():
+        _, st = generate_ar(target, prefix, num_tokens, sampling, generators_fn(), allowed_tokens)
+        t0 = time.perf_counter()
+        run_prefill()
+        sync()
+        t_prefill = time.perf_counter() - t0
+        c = OpCounter()
+        with c:
+            generate_ar(target, prefix, num_tokens, sampling, generators_fn(), allowed_tokens)
+        p = OpCounter()
+        with p:
+            run_prefill()
+    steps = max(num_tokens - 1, 1)
+    # a step = one forward of one token + sampling; the prefill's ops and time are taken out
+    return {"ops_per_step": (c.total - p.total) / steps, "steps": steps,
+            "step_s": max(st.latency - t_prefill, 0.0) / steps}

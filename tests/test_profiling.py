@@ -1,0 +1,97 @@
+"""The benchmark's measuring tools: aten ops per round / AR step, the per-phase split, medians and spreads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_batching import _demo_decoder, demo  # noqa: F401  (module fixture)
+
+from models.generation import generate_ar
+from models.profiling import ROUND_PHASES, OpCounter, PhaseProfiler, profile_ar_step, profile_speculative, spread
+from models.sampling import SamplingConfig
+
+SAMPLED = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0)
+
+
+def test_op_counter_counts_aten_calls():
+    x = torch.ones(3)
+    with OpCounter() as c:
+        y = (x + 1) * 2
+        y.sum()
+    assert c.total == 3 and c.by_op["aten.add"] == 1 and c.by_op["aten.sum"] == 1
+
+
+def test_spread_median_quartiles():
+    s = spread([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s["median"], s["q1"], s["q3"], s["min"], s["max"], s["n"]) == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
+    assert spread([2.0])["q1"] == spread([2.0])["q3"] == 2.0
+
+
+def test_phase_profiler_sums_phases_and_counts_rounds():
+    c = OpCounter()
+    p = PhaseProfiler(c)
+    with c:
+        for _ in range(2):
+            p.mark("drafter")
+            torch.ones(2) + 1
+            p.mark("verify")
+        p.mark(None)
+    assert p.rounds == 2 and p.ops["drafter"] == 4 and p.ops["verify"] == 0  # ones + add per round
+    assert p.per_round(p.ops)["drafter"] == 2
+
+
+@pytest.mark.parametrize("setting", ["eagle2", "lantern++:lam=5,tree=chain_6"])
+def test_profiled_round_on_the_demo_leaves_tokens_unchanged(demo, setting):  # noqa: F811
+    family = demo[0]
+    dec = _demo_decoder(demo, setting, SAMPLED)
+    prefix = family.build_prefix(["3"], family.defaults.cfg)
+
+    def gens():
+        return [torch.Generator().manual_seed(7)]
+
+    plain, st = dec.generate(prefix, gens())
+    prof = profile_speculative(dec, prefix, gens)
+    assert dec.profiler is None
+    again, _ = dec.generate(prefix, gens())
+    assert torch.equal(plain, again)
+    assert prof["rounds"] == st.target_forwards - 1  # one round per target forward after the prefill
+    assert set(prof["ops_per_round_by_phase"]) == set(ROUND_PHASES)
+    assert all(v > 0 for v in prof["ops_per_round_by_phase"].values())
+    assert prof["ops_per_round"] == pytest.approx(sum(prof["ops_per_round_by_phase"].values()))
+    assert sum(prof["time_share"].values()) == pytest.approx(1.0)
+    ar = profile_ar_step(family.target, prefix, family.num_image_tokens, SAMPLED, gens)
+    assert 0 < ar["ops_per_step"] < prof["ops_per_round"] and ar["step_s"] > 0
+    with OpCounter() as c:  # the AR count is the whole decode minus the prefill, over the steps
+        generate_ar(family.target, prefix, family.num_image_tokens, SAMPLED, gens())
+    assert ar["ops_per_step"] * ar["steps"] < c.total
+
+
+def test_benchmark_reports_repeats_spreads_and_profile(tmp_path, capsys):
+    import main as cli
+
+    cli.main(["benchmark", "--num_images", "2", "--repeats", "2", "--output_dir", str(tmp_path), "--settings", "ar",
+              "lantern++:lam=5,tree=chain_6"])
+    assert "1 intra-op thread(s) (the benchmark's CPU default" in capsys.readouterr().err
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert report["threads"] == 1 and report["repeats"] == 2
+    rows = {r["setting"]: r for r in report["results"]}
+    for r in rows.values():
+        assert r["latency_spread"]["n"] == 4  # 2 images x 2 repeats, every one timed beside AR
+        assert r["latency_spread"]["q1"] <= r["latency_s"] <= r["latency_spread"]["q3"]
+        assert r["speedup_spread"]["n"] == 4
+    assert rows["ar"]["speedup_spread"]["max"] == 1.0
+    p = rows["lantern++:lam=5,tree=chain_6"]["profile"]
+    assert p["ops_round_over_ar_step"] == pytest.approx(p["ops_per_round"] / rows["ar"]["profile"]["ops_per_step"])
+    assert "aten ops / round" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_verify_cost_reports_medians_spreads_and_ops(tmp_path):
+    import main as cli
+
+    cli.main(["benchmark", "--verify_cost", "--repeats", "1", "--output_dir", str(tmp_path)])
+    report = json.loads((tmp_path / "verify_cost.json").read_text())
+    assert report["laps"] == 10 and report["relative_spread"]["1"]["max"] == 1.0
+    assert all(v["n"] == 10 for v in report["seconds_spread"].values())
+    assert set(report["aten_ops"]) == {"1", "4", "16", "26", "59", "128"}
