@@ -18,7 +18,8 @@ for AR) and the per-phase time split of a round, measured by the program (:mod:`
 
 Setting syntax: ``NAME[:key=value,...]`` with NAME in ar, eagle2 (dynamic tree, exact), eagle1 (static tree,
 exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta, lam, tree, top_k_draft, depth,
-total_token, budget (node, the default | sibling), residual (exact | original | original_lumina). Example:
+total_token, budget (node, the default | sibling), residual (exact | original | original_lumina), compile (0 | 1: this
+setting on the torch.compile-d target, so eager and compiled run interleaved in one run). Example:
 ``lantern:delta=0.2,k=20 lantern:delta=0.2,budget=sibling lantern++:lam=5,tree=naive_extend_57``.
 The per-node TVD columns are the realised shift of the emitted tokens (``VerifyResult.node_tvd``).
 """
@@ -87,6 +88,9 @@ def parse_args() -> argparse.ArgumentParser:
     p.add_argument("--no_profile", action="store_true",
                    help="skip the aten-ops-per-round count and the per-phase time split")
     add_device_args(p)
+    from models.compiled import add_compile_args
+
+    add_compile_args(p)
     return p
 
 
@@ -110,6 +114,11 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     for key in ("budget", "residual"):  # relaxation variants (models/drafters/acceptance.py)
         if key in opts:
             out[key] = opts.pop(key)
+    if "compile" in opts:  # this setting alone on the compiled target (eager and compiled interleaved in one run)
+        flag = opts.pop("compile")
+        if flag not in ("0", "1"):
+            raise UserError(f"setting {text!r}: compile is 0 or 1, got {flag!r}")
+        out["compile"] = flag == "1"
     if opts:
         raise ValueError(f"unknown options {sorted(opts)} in {text!r}")
     if name == "lantern" and "delta" not in out:
@@ -127,7 +136,7 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     return out
 
 
-def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, neighbours):
+def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, neighbours, target=None):
     from dataclasses import replace
 
     from models.drafters.acceptance import AcceptConfig
@@ -147,8 +156,8 @@ def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, ne
     choices = tuple(tuple(c) for c in get_tree_choices(setting["tree"])) if static else None
     tree = TreeConfig(static_choices=choices, **kw)
     nb = neighbours[:, : accept.table_columns] if accept.enabled else None
-    return SpeculativeDecoder(family.target, drafter, family.num_image_tokens, sampling, cfg_scale, accept, tree, nb,
-                              family.allowed_tokens)
+    return SpeculativeDecoder(target or family.target, drafter, family.num_image_tokens, sampling, cfg_scale, accept,
+                              tree, nb, family.allowed_tokens)
 
 
 def _demo_classifier(device):
@@ -173,6 +182,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     sampling = SamplingConfig(d.temperature if args.temperature is None else args.temperature,
                               d.top_k if args.top_k is None else args.top_k, d.top_p if args.top_p is None else args.top_p)
     cfg_scale = d.cfg if args.cfg is None else args.cfg
+    if args.compile:  # every setting, AR included, runs the same compiled target
+        from models.compiled import compile_target
+
+        compile_target(family, args.compile_mode)
     settings = [parse_setting(s, args.lantern_k, args.tree_choices) for s in args.settings]
     drafter = neighbours = None
     if any(s["name"] != "ar" for s in settings):
@@ -193,21 +206,34 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    compiled = None
+    if any(s.get("compile") for s in settings) and not args.compile:
+        from models.compiled import CompiledTarget, compile_target
+
+        compile_target(family, args.compile_mode, check_only=True)
+        compiled = CompiledTarget(family.target, args.compile_mode)
+    targets = {s["label"]: compiled if s.get("compile") and compiled is not None else family.target for s in settings}
     decoders = {s["label"]: None if s["name"] == "ar" else build_decoder(family, drafter, s, sampling, cfg_scale,
-                                                                         neighbours) for s in settings}
+                                                                         neighbours, targets[s["label"]])
+                for s in settings}
 
     def one(label: str, chunk: list[int]):
         gens = [torch.Generator(device=device).manual_seed(args.random_seed + i) for i in chunk]
         prefix = family.build_prefix([prompts[i] for i in chunk], cfg_scale)
         if decoders[label] is None:
-            return generate_ar(family.target, prefix, family.num_image_tokens, sampling, gens, family.allowed_tokens)
+            return generate_ar(targets[label], prefix, family.num_image_tokens, sampling, gens, family.allowed_tokens)
         return decoders[label].generate(prefix, gens)
 
     results = []
     for bs in args.batch_size:
         chunks = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
         for s in settings:
-            one(s["label"], chunks[0])  # warm-up, not timed
+            one(s["label"], chunks[0])  # warm-up, not timed (with --compile: the compilation)
+        if args.compile or compiled is not None:
+            from models.compiled import compile_report
+
+            print(compile_report(compiled or family.target) + f" (warm-up, batch {bs}; not in the timings)",
+                  file=sys.stderr)
         acc = {s["label"]: {"time": 0.0, "taus": [], "fwd": [], "toks": [], "depth": [], "tvd_mean": [], "tvd_max": [],
                             "per_image": [], "ratio": []} for s in settings}
         passes = [(r, c, chunk) for r in range(args.repeats) for c, chunk in enumerate(chunks)]
@@ -248,8 +274,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             if a["ratio"]:
                 row["speedup_spread"] = spread(a["ratio"])
             if not args.no_profile and bs == args.batch_size[0]:
-                row["profile"] = _profile(s, decoders[s["label"]], family, prompts, chunks[0], cfg_scale, sampling,
-                                          device, args.random_seed)
+                row["profile"] = _profile(s, decoders[s["label"]], family, targets[s["label"]], prompts, chunks[0],
+                                          cfg_scale, sampling, device, args.random_seed)
             if a["tvd_mean"]:  # every image has the same number of tokens: the mean of means is per token
                 row["node_tvd_mean"], row["node_tvd_max"] = statistics.mean(a["tvd_mean"]), max(a["tvd_max"])
             if classifier is not None:
@@ -270,18 +296,30 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 save_image(family.decode_images(tokens), out / f"{name}.png", nrow=10)
             results.append(row)
     ar_prof = {r["batch_size"]: r["profile"] for r in results if r["setting"] == "ar" and "profile" in r}
+    comp = {s["label"]: bool(s.get("compile")) or args.compile for s in settings}
+    ar_of = {c: next((s["label"] for s in settings if s["name"] == "ar" and comp[s["label"]] == c), None)
+             for c in (False, True)}
+    for r in results:  # against the AR run with the same compile setting (when the run has one)
+        r["compiled"] = comp[r["setting"]]
+        base = next((b for b in results if b["setting"] == ar_of[r["compiled"]] and b["batch_size"] == r["batch_size"]),
+                    None)
+        if base is not None:
+            r["speedup_vs_ar_same_compile"] = base["latency_s"] / r["latency_s"]
+            if "round_s" in r.get("profile", {}) and "step_s" in base.get("profile", {}):
+                r["profile"]["round_over_ar_step_same_compile"] = r["profile"]["round_s"] / base["profile"]["step_s"]
     for r in results:  # against plain AR at the same batch size: ratio of the median latencies (the spread shown
         # beside it is that of the batch-by-batch ratios, each setting against the AR run next to it)
         base = next((b["latency_s"] for b in results if b["setting"] == "ar" and b["batch_size"] == r["batch_size"]),
                     None)
         r["speedup_vs_ar"] = base / r["latency_s"] if base else None
         base = ar_prof.get(r["batch_size"])
-        if base and "profile" in r and r["setting"] != "ar":
+        if base and "round_s" in r.get("profile", {}):
             p = r["profile"]
             p["round_over_ar_step"] = p["round_s"] / base["step_s"]
             p["ops_round_over_ar_step"] = p["ops_per_round"] / base["ops_per_step"]
     report = {"model": args.model, "num_images": len(prompts), "device": str(device), "dtype": str(dtype),
-              "threads": torch.get_num_threads(), "repeats": args.repeats,
+              "threads": torch.get_num_threads(), "repeats": args.repeats, "compile": args.compile,
+              "compile_s": getattr(family.target, "compile_s", None), "compile_graphs": getattr(family.target, "graphs", None),
               "sampling": vars(sampling), "cfg": cfg_scale,
               "command": "python main.py benchmark " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["benchmark"] else sys.argv[1:]),
               "results": results}
@@ -302,7 +340,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     return report
 
 
-def _profile(setting: dict, decoder, family, prompts, chunk, cfg_scale, sampling, device, seed: int) -> dict:
+def _profile(setting: dict, decoder, family, target, prompts, chunk, cfg_scale, sampling, device, seed: int) -> dict:
     """Ops per round / per AR step and the per-phase time split, on the first batch of prompts (untimed runs)."""
     from models.profiling import profile_ar_step, profile_speculative
 
@@ -312,7 +350,7 @@ def _profile(setting: dict, decoder, family, prompts, chunk, cfg_scale, sampling
         return [torch.Generator(device=device).manual_seed(seed + i) for i in chunk]
 
     if decoder is None:
-        return profile_ar_step(family.target, prefix, family.num_image_tokens, sampling, gens, family.allowed_tokens)
+        return profile_ar_step(target, prefix, family.num_image_tokens, sampling, gens, family.allowed_tokens)
     return profile_speculative(decoder, prefix, gens)
 
 
@@ -320,22 +358,26 @@ def _profile_markdown(results: list[dict]) -> str:
     """Ops per round and where a round's time goes (one untimed image per setting; first batch size)."""
     from models.profiling import ROUND_PHASES
 
-    head = ("| setting | aten ops / round (AR: / step) | round time (ms) | round ÷ AR step (time) | "
+    head = ("| setting | aten ops / round (AR: / step) | round time (ms) | round ÷ AR step (time, same compile) | "
             "round ÷ AR step (ops) | " + " | ".join(f"{p} %" for p in ROUND_PHASES) + " |")
     lines = [head, "|" + "---|" * (5 + len(ROUND_PHASES))]
     for r in results:
         p = r.get("profile")
         if not p:
             continue
-        if r["setting"] == "ar":
-            lines.append(f"| ar | {p['ops_per_step']:.0f} | {1000 * p['step_s']:.2f} | 1 | 1 |"
+        if "ops_per_step" in p:
+            lines.append(f"| {r['setting']} | {p['ops_per_step']:.0f} | {1000 * p['step_s']:.2f} | 1 | 1 |"
                          + " — |" * len(ROUND_PHASES))
             continue
-        rt = f"{p['round_over_ar_step']:.2f}" if "round_over_ar_step" in p else "—"
+        key = "round_over_ar_step_same_compile" if "round_over_ar_step_same_compile" in p else "round_over_ar_step"
+        rt = f"{p[key]:.2f}" if key in p else "—"
         ro = f"{p['ops_round_over_ar_step']:.2f}" if "ops_round_over_ar_step" in p else "—"
         shares = " | ".join(f"{100 * p['time_share'][ph]:.0f}" for ph in ROUND_PHASES)
         lines.append(f"| {r['setting']} | {p['ops_per_round']:.0f} | {1000 * p['round_s']:.2f} | {rt} | {ro} | "
                      f"{shares} |")
+    if any(r.get("compiled") for r in results):
+        lines.append("\naten ops are counted on the eager path (a compiled graph runs outside the dispatch mode); "
+                     "times are those of the setting as run.")
     return "\n".join(lines)
 
 
@@ -343,8 +385,8 @@ def _markdown(results: list[dict]) -> str:
     has_acc = any("accuracy" in r for r in results)
     head = ("| setting | batch | τ | latency (s / image), median [IQR] | images/s | tokens/s | "
             "speed-up vs AR (same batch) [IQR of per-batch ratios] | target forwards |") + (" accuracy |" if has_acc else "") + \
-        " node TVD mean / max |"
-    sep = "|---|---|---|---|---|---|---|---|" + ("---|" if has_acc else "") + "---|"
+        " node TVD mean / max | speed-up vs AR, same compile setting |"
+    sep = "|---|---|---|---|---|---|---|---|" + ("---|" if has_acc else "") + "---|---|"
     lines = [head, sep]
     for r in results:
         sp = f"{r['speedup_vs_ar']:.2f}×" if r.get("speedup_vs_ar") else "—"
@@ -358,6 +400,7 @@ def _markdown(results: list[dict]) -> str:
         if has_acc:
             line += f" {100 * r['accuracy']:.0f} % |"
         line += f" {r['node_tvd_mean']:.3f} / {r['node_tvd_max']:.3f} |" if "node_tvd_mean" in r else " — |"
+        line += f" {r['speedup_vs_ar_same_compile']:.2f}× |" if "speedup_vs_ar_same_compile" in r else " — |"
         lines.append(line)
     return "\n".join(lines)
 

@@ -54,6 +54,9 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--drafter_path", default=None, help="EAGLE drafter folder (config.json + weights)")
     g.add_argument("--image_size", type=int, default=None, help="image size: LlamaGen C2I .pt checkpoints (256/384); Anole / Lumina-mGPT (default 512 / 768)")
     add_device_args(g)
+    from models.compiled import add_compile_args
+
+    add_compile_args(g)
 
     g = p.add_argument_group("prompts and outputs")
     g.add_argument("--prompt", default=None,
@@ -190,6 +193,10 @@ def run_generate_image(args: argparse.Namespace) -> dict:
     family = load_family(args.model, device, dtype, args.model_path, args.vq_path, args.t5_path, args.image_size,
                          cfg_mode=args.cfg_mode)
     sampling, cfg_scale = _sampling(args, family.defaults)
+    if args.compile:
+        from models.compiled import compile_target
+
+        compile_target(family, args.compile_mode)
     decoder = None
     if args.model_type == "eagle":
         from models.ea_model import build_speculative_decoder
@@ -257,6 +264,10 @@ def run_generate_image(args: argparse.Namespace) -> dict:
                             tau=f"{sum(p['step_compression'] for p in per_prompt) / len(chunk):.2f}")
     finally:
         bar.close()
+    if args.compile and todo:
+        from models.compiled import compile_report
+
+        print(compile_report(family.target) + " (inside the first batch's latency)")
     if ctx.world > 1:
         stats = merge_rank_stats(ctx, final_path)
         items = all_items

@@ -95,3 +95,13 @@ def test_verify_cost_reports_medians_spreads_and_ops(tmp_path):
     assert report["laps"] == 10 and report["relative_spread"]["1"]["max"] == 1.0
     assert all(v["n"] == 10 for v in report["seconds_spread"].values())
     assert set(report["aten_ops"]) == {"1", "4", "16", "26", "59", "128"}
+
+
+def test_compile_setting_key_is_parsed_and_checked():
+    from entrypoints.benchmark import parse_setting
+    from entrypoints.common import UserError
+
+    assert parse_setting("ar:compile=1", 20, "mc_sim_7b_63")["compile"] is True
+    assert "compile" not in parse_setting("eagle2", 20, "mc_sim_7b_63")
+    with pytest.raises(UserError, match="compile is 0 or 1"):
+        parse_setting("eagle2:compile=yes", 20, "mc_sim_7b_63")
