@@ -19,7 +19,8 @@ for AR) and the per-phase time split of a round, measured by the program (:mod:`
 Setting syntax: ``NAME[:key=value,...]`` with NAME in ar, eagle2 (dynamic tree, exact), eagle1 (static tree,
 exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta, lam, tree, top_k_draft, depth,
 total_token, budget (node, the default | sibling), residual (exact | original | original_lumina), compile (0 | 1: this
-setting on the torch.compile-d target, so eager and compiled run interleaved in one run). Example:
+setting on the torch.compile-d target, so eager and compiled run interleaved in one run), tvd (1 | 0: skip measuring
+the realised per-node TVD, same tokens, fewer ops). Example:
 ``lantern:delta=0.2,k=20 lantern:delta=0.2,budget=sibling lantern++:lam=5,tree=naive_extend_57``.
 The per-node TVD columns are the realised shift of the emitted tokens (``VerifyResult.node_tvd``).
 """
@@ -114,11 +115,12 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     for key in ("budget", "residual"):  # relaxation variants (models/drafters/acceptance.py)
         if key in opts:
             out[key] = opts.pop(key)
-    if "compile" in opts:  # this setting alone on the compiled target (eager and compiled interleaved in one run)
-        flag = opts.pop("compile")
-        if flag not in ("0", "1"):
-            raise UserError(f"setting {text!r}: compile is 0 or 1, got {flag!r}")
-        out["compile"] = flag == "1"
+    for key in ("compile", "tvd"):  # compile: this setting on the compiled target; tvd=0: no per-node TVD
+        if key in opts:
+            flag = opts.pop(key)
+            if flag not in ("0", "1"):
+                raise UserError(f"setting {text!r}: {key} is 0 or 1, got {flag!r}")
+            out[key] = flag == "1"
     if opts:
         raise ValueError(f"unknown options {sorted(opts)} in {text!r}")
     if name == "lantern" and "delta" not in out:
@@ -156,8 +158,10 @@ def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, ne
     choices = tuple(tuple(c) for c in get_tree_choices(setting["tree"])) if static else None
     tree = TreeConfig(static_choices=choices, **kw)
     nb = neighbours[:, : accept.table_columns] if accept.enabled else None
-    return SpeculativeDecoder(target or family.target, drafter, family.num_image_tokens, sampling, cfg_scale, accept,
-                              tree, nb, family.allowed_tokens)
+    dec = SpeculativeDecoder(target or family.target, drafter, family.num_image_tokens, sampling, cfg_scale, accept,
+                             tree, nb, family.allowed_tokens)
+    dec.measure_shift = setting.get("tvd", True)
+    return dec
 
 
 def _demo_classifier(device):

@@ -105,3 +105,21 @@ def test_compile_setting_key_is_parsed_and_checked():
     assert "compile" not in parse_setting("eagle2", 20, "mc_sim_7b_63")
     with pytest.raises(UserError, match="compile is 0 or 1"):
         parse_setting("eagle2:compile=yes", 20, "mc_sim_7b_63")
+
+
+def test_skipping_the_tvd_measure_keeps_tokens_and_saves_verify_ops(demo):  # noqa: F811
+    family = demo[0]
+    dec = _demo_decoder(demo, "lantern++:lam=20,tree=chain_6", SAMPLED)
+    prefix = family.build_prefix(["5"], family.defaults.cfg)
+
+    def gens():
+        return [torch.Generator().manual_seed(11)]
+
+    on, st_on = dec.generate(prefix, gens())
+    with_tvd = profile_speculative(dec, prefix, gens)["ops_per_round_by_phase"]["verify"]
+    dec.measure_shift = False
+    off, st_off = dec.generate(prefix, gens())
+    without = profile_speculative(dec, prefix, gens)["ops_per_round_by_phase"]["verify"]
+    assert torch.equal(on, off) and st_on.extra["accept_lengths"] == st_off.extra["accept_lengths"]
+    assert "node_tvd_mean" in st_on.extra and "node_tvd_mean" not in st_off.extra
+    assert without < 0.8 * with_tvd
