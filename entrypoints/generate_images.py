@@ -42,7 +42,7 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, choices=list(MODELS),
                    help="model family / checkpoint set (default: demo; with neither --model nor --model_type the "
                    "demo runs with --model_type eagle --lantern)")
-    g.add_argument("--model_type", default=None, choices=["base", "eagle", "vllm"],
+    g.add_argument("--model_type", default=None, choices=["base", "eagle", "sjd", "vllm"],
                    help="decoding engine (default: base, see --model)")
     g.add_argument("--model_path", default=None, help="target checkpoint (file or folder); default: the ckpts/ layout")
     g.add_argument("--vq_path", default=None, help="VQ tokenizer checkpoint; default: the ckpts/ layout")
@@ -96,6 +96,14 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--total_token", type=int, default=59, help="dynamic tree: nodes kept per tree (incl. the root)")
     g.add_argument("--drafter_top_k", type=int, default=None, help="restrict the drafter's distribution to its top-k")
     g.add_argument("--codebook_path", default=None, help="neighbour table for --lantern (generate_codebook output)")
+
+    g = p.add_argument_group("Speculative Jacobi Decoding (--model_type sjd; no drafter; --lantern flags apply too)")
+    g.add_argument("--sjd_window", type=int, default=16, help="Jacobi window: draft tokens verified per forward")
+    g.add_argument("--sjd_coupling", action="store_true", help="MC-SJD: maximal coupling of drafts across iterations")
+    g.add_argument("--gsd", action="store_true", help="GSD grouped acceptance (relaxed; needs the neighbour table)")
+    g.add_argument("--gsd_group", type=int, default=10, help="GSD: size of the dynamic set of most probable tokens")
+    g.add_argument("--gsd_k", type=int, default=None, help="GSD: neighbours of a draft that may join its group "
+                   "(default --lantern_k)")
     return p
 
 
@@ -164,7 +172,9 @@ def run_generate_image(args: argparse.Namespace) -> dict:
     family = load_family(args.model, device, dtype, args.model_path, args.vq_path, args.t5_path, args.image_size)
     sampling, cfg_scale = _sampling(args, family.defaults)
     decoder = None
-    if args.model_type == "eagle":
+    if args.gsd and (args.lantern or args.lantern_tvd is not None or args.lantern_lambda is not None):
+        raise UserError("give --gsd or --lantern (LANTERN / LANTERN++), not both")
+    if args.model_type in ("eagle", "sjd"):
         from models.ea_model import build_speculative_decoder
 
         decoder = build_speculative_decoder(family, args, sampling, cfg_scale)

@@ -183,6 +183,8 @@ def _relaxed_for(
     target_probs: torch.Tensor, cand: torch.Tensor, cfg: AcceptConfig, neighbours: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(p̃(x) (...,), aggregated mask (..., V)) under ``cfg``."""
+    if hasattr(cfg, "relaxed_for"):  # a rule defined next to this module (GSD, models/drafters/grouped.py)
+        return cfg.relaxed_for(target_probs, cand, neighbours)
     if cfg.enabled and neighbours is None:
         raise ValueError("relaxed acceptance needs a neighbour table")
     if not cfg.enabled:
