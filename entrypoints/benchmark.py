@@ -13,6 +13,9 @@ the speed-up column compares each setting with plain AR at the same batch size.
 Setting syntax: ``NAME[:key=value,...]`` with NAME in ar, eagle2 (dynamic tree, exact), eagle1 (static tree,
 exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta, lam, tree, top_k_draft, depth,
 total_token. Example: ``lantern:delta=0.2,k=20 lantern++:lam=5,tree=naive_extend_57``.
+Drafter-free (Speculative Jacobi Decoding, same engine): sjd, mc-sjd (maximal coupling), gsd (grouped acceptance
+on SJD drafts; keys group, k, coupling=1 for MC-SJD drafts), sjd+lantern (δ), sjd+lantern++ (λ); key window
+(Jacobi window, default 16). Example: ``sjd mc-sjd gsd:group=10 sjd+lantern:delta=0.2``.
 """
 
 from __future__ import annotations
@@ -68,23 +71,30 @@ def parse_args() -> argparse.ArgumentParser:
 
 def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     name, _, rest = text.partition(":")
-    if name not in ("ar", "eagle2", "eagle1", "lantern", "lantern++"):
+    if name not in ("ar", "eagle2", "eagle1", "lantern", "lantern++") + JACOBI_SETTINGS:
         raise ValueError(f"unknown setting {name!r} in {text!r}")
     opts = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
     out = {"label": text, "name": name, "k": int(opts.pop("k", default_k)), "tree": opts.pop("tree", default_tree)}
     for key in ("delta", "lam"):
         if key in opts:
             out[key] = float(opts.pop(key))
-    for key in ("top_k_draft", "depth", "total_token"):
+    for key in ("top_k_draft", "depth", "total_token", "window", "group", "coupling"):
         if key in opts:
             out[key] = int(opts.pop(key))
     if opts:
         raise ValueError(f"unknown options {sorted(opts)} in {text!r}")
-    if name == "lantern" and "delta" not in out:
+    if name in ("lantern", "sjd+lantern") and "delta" not in out:
         raise ValueError(f"{text!r}: lantern needs delta=...")
-    if name == "lantern++" and "lam" not in out:
+    if name in ("lantern++", "sjd+lantern++") and "lam" not in out:
         raise ValueError(f"{text!r}: lantern++ needs lam=...")
     return out
+
+
+JACOBI_SETTINGS = ("sjd", "mc-sjd", "gsd", "sjd+lantern", "sjd+lantern++")
+
+
+def needs_neighbours(name: str) -> bool:
+    return name.endswith("lantern") or name.endswith("lantern++") or name == "gsd"
 
 
 def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, neighbours):
@@ -95,10 +105,23 @@ def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, ne
     name = setting["name"]
     static = name in ("eagle1", "lantern++")
     accept = AcceptConfig()
-    if name == "lantern":
+    if name in ("lantern", "sjd+lantern"):
         accept = AcceptConfig(relax="lantern", k=setting["k"], delta=setting["delta"])
-    elif name == "lantern++":
+    elif name in ("lantern++", "sjd+lantern++"):
         accept = AcceptConfig(relax="lantern++", k=setting["k"], lam=setting["lam"])
+    elif name == "gsd":
+        from models.drafters.grouped import GroupedAcceptConfig
+
+        accept = GroupedAcceptConfig(k=setting["k"], group=setting.get("group", 10))
+    if name in JACOBI_SETTINGS:  # drafter-free: the same round with the Jacobi proposer
+        from models.drafters.jacobi import SJD_DEFAULT_WINDOW, JacobiProposer
+
+        coupling = name == "mc-sjd" or bool(setting.get("coupling", 0))
+        proposer = JacobiProposer(setting.get("window", SJD_DEFAULT_WINDOW), coupling, sampling.greedy,
+                                  allowed_tokens=family.allowed_tokens)
+        nb = neighbours[:, : setting["k"]] if accept.enabled else None
+        return SpeculativeDecoder(family.target, None, family.num_image_tokens, sampling, cfg_scale, accept,
+                                  neighbours=nb, allowed_tokens=family.allowed_tokens, proposer=proposer)
     kw = {k: setting[k] for k in ("top_k_draft", "depth", "total_token") if k in setting}
     choices = tuple(tuple(c) for c in get_tree_choices(setting["tree"])) if static else None
     tree = TreeConfig(static_choices=choices, **kw)
@@ -131,9 +154,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     cfg_scale = d.cfg if args.cfg is None else args.cfg
     settings = [parse_setting(s, args.lantern_k, args.tree_choices) for s in args.settings]
     drafter = neighbours = None
-    if any(s["name"] != "ar" for s in settings):
+    if any(s["name"] != "ar" and s["name"] not in JACOBI_SETTINGS for s in settings):
         drafter = load_drafter(resolve_path(spec, "drafter", args.drafter_path), device, dtype, family.target.config)
-    if any(s["name"].startswith("lantern") for s in settings):
+    if any(needs_neighbours(s["name"]) for s in settings):
         k = max(s["k"] for s in settings)
         neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=k).to(device)
     from entrypoints.generate_images import default_prompt

@@ -308,7 +308,8 @@ class SpeculativeDecoder:
             forwards += 1
             probs = target_probs(self._combine(target.lm_head(h_t)), self.sampling)  # (B, n, V)
             # 4. verify every prompt's tree with its own random stream
-            results = [verify_tree(tr, probs[i, : tr.num_nodes], self.accept, self.neighbours, greedy,
+            verify = self.proposer.verify if self.proposer is not None else verify_tree
+            results = [verify(tr, probs[i, : tr.num_nodes], self.accept, self.neighbours, greedy,
                                    prompt_generator(gens, i)) for i, tr in enumerate(trees)]
             if self.proposer is not None:  # redraft the rest of every window from this forward's p
                 self.proposer.update(active, trees, results, probs, gens)

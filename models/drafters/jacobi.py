@@ -37,13 +37,16 @@ could not be re-read with the search tool this session — the flag ``--sjd_wind
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from models.generation import prompt_generator
 
+from .acceptance import AcceptConfig, VerifyResult, static_sibling_test, verify_tree
 from .tree import DraftTree, build_tree
 
-__all__ = ["JacobiProposer", "maximal_coupling", "SJD_DEFAULT_WINDOW"]
+__all__ = ["JacobiProposer", "maximal_coupling", "verify_chain", "SJD_DEFAULT_WINDOW"]
 
 SJD_DEFAULT_WINDOW = 16
 
@@ -67,6 +70,32 @@ def maximal_coupling(old_tokens: torch.Tensor, old_q: torch.Tensor, new_q: torch
     return torch.where(u < keep_prob, old_tokens, fresh)
 
 
+def verify_chain(tree: DraftTree, target_probs: torch.Tensor, cfg: AcceptConfig, neighbours: torch.Tensor | None = None,
+                 greedy: bool = False, generator: torch.Generator | None = None) -> VerifyResult:
+    """:func:`~models.drafters.acceptance.verify_tree` for a chain, with the sibling tests of all positions in one
+    vectorised call.
+
+    On a chain every node has one child, so the test at node i (accept x_{i+1} with min(1, P̃_i(x_{i+1}) /
+    q_i(x_{i+1})), residual normalise(max(0, P̃_i − q_i))) starts from r = p_i and does not depend on the other
+    positions: :func:`~models.drafters.acceptance.static_sibling_test` runs once over the L positions (one fresh
+    uniform each), the accepted length is the run of passes before the first failure, and the next token is
+    drawn from that node's residual (or from the last p when all pass). Same rule, same distribution as the
+    depth-by-depth walk, without L sequential steps. Greedy and empty chains go to ``verify_tree``.
+    """
+    n_draft = tree.num_nodes - 1
+    if greedy or n_draft == 0:
+        return verify_tree(tree, target_probs, cfg, neighbours, greedy, generator)
+    probs = target_probs.float()
+    acc, res = static_sibling_test(probs[:n_draft], tree.draft_probs[:n_draft].to(probs.dtype), tree.tokens[1:, None],
+                                   cfg, neighbours, generator)
+    a = int((acc >= 0).long().cumprod(0).sum())
+    final = res[a] if a < n_draft else probs[n_draft]
+    next_token = torch.multinomial(final, 1, generator=generator).squeeze(0)
+    depth = torch.arange(n_draft, device=probs.device)
+    return VerifyResult(path=torch.arange(a + 1, device=probs.device), next_token=next_token, accept_len=a,
+                        attempted_per_depth=(depth <= a).long(), accepted_per_depth=(depth < a).long())
+
+
 class JacobiProposer:
     """Keeps every prompt's Jacobi window (draft tokens and their q) between rounds and builds the chains.
 
@@ -82,6 +111,7 @@ class JacobiProposer:
         self.window, self.coupling, self.greedy = window, coupling, greedy
         self.vocab_size, self.allowed_tokens = vocab_size, allowed_tokens
         self._state: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._chains: dict[tuple[int, str], DraftTree] = {}  # chain structure per length (masks, paths)
 
     @property
     def max_nodes(self) -> int:
@@ -89,6 +119,14 @@ class JacobiProposer:
 
     def reset(self) -> None:
         self._state = {}
+
+    verify = staticmethod(verify_chain)
+
+    def _chain(self, length: int, tokens: torch.Tensor) -> DraftTree:
+        key = (length, str(tokens.device))
+        if key not in self._chains:
+            self._chains[key] = build_tree(tokens, torch.arange(-1, length, device=tokens.device))
+        return self._chains[key]
 
     def _init_q(self, vocab: int, device) -> torch.Tensor:
         """Random initialisation: uniform over the sampleable vocabulary."""
@@ -120,10 +158,9 @@ class JacobiProposer:
                 q = torch.cat([q, q_init])
             self._state[b] = (toks, q)
             tokens = torch.cat([roots[i : i + 1], toks])
-            parents = torch.arange(-1, length, device=dev)
             # draft_probs[i] = q of node i's child; the last node is a leaf (no child), its row is unused
             draft_probs = torch.cat([q, torch.zeros(1, vocab, device=dev)])
-            trees.append(build_tree(tokens, parents, draft_probs))
+            trees.append(replace(self._chain(length, tokens), tokens=tokens, draft_probs=draft_probs))
         return trees
 
     def update(self, active: list[int], trees: list[DraftTree], results, probs: torch.Tensor, generators) -> None:
