@@ -1,4 +1,5 @@
-"""generate_images: text/class prompts -> PNG images with plain AR (base) or speculative decoding (eagle).
+"""generate_images: text/class prompts -> PNG images with plain AR (base), speculative decoding (eagle) or
+Speculative Jacobi Decoding (sjd, no drafter).
 
 Outputs in ``--output_dir`` (as the original): ``prompt_{idx}.png``, ``global_statistics_{start}_{end}.json``
 (per prompt: ``prompt``, ``latency``, ``step_compression`` and more) and ``generation_configs.json``.
@@ -64,7 +65,7 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--save_tokens", action="store_true", help="also save the generated token ids (prompt_{idx}_tokens.npy)")
     g.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
     g.add_argument("--batch_size", type=int, default=1,
-                   help="prompts decoded together (2x rows with CFG), for base and eagle; with --set_seed an image's "
+                   help="prompts decoded together (2x rows with CFG), for base, eagle and sjd; with --set_seed an image's "
                    "tokens do not depend on it")
 
     g = p.add_argument_group("sampling")

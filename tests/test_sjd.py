@@ -55,6 +55,18 @@ def test_greedy_sjd_batched_equals_ar():
     assert torch.equal(tokens, ar)
 
 
+@pytest.mark.parametrize("coupling", [False, True], ids=["sjd", "mc-sjd"])
+def test_sampled_sjd_batch_equals_one_by_one(coupling):
+    """One generator per image: an image's tokens do not depend on the batch it was decoded in."""
+    model, io = _fixture_gpt("c2i")
+    cond, valid = io["gen_cond"][:2], torch.ones(2, 1, dtype=torch.bool)
+    dec = _sjd(model, 16, SamplingConfig(temperature=1.0), 4.0, 5, coupling)
+    batched, _ = dec.generate(_prefix(model, cond, valid, 4.0), [torch.Generator().manual_seed(i) for i in range(2)])
+    for i in range(2):
+        one, _ = dec.generate(_prefix(model, cond[i : i + 1], valid[i : i + 1], 4.0), torch.Generator().manual_seed(i))
+        assert torch.equal(batched[i], one[0])
+
+
 # --------------------------------------------------------------------------------------------- losslessness
 @pytest.mark.parametrize("coupling", [False, True], ids=["sjd", "mc-sjd"])
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
