@@ -30,7 +30,23 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from entrypoints.common import UserError, add_device_args, load_prompts, resolve_device, resolve_dtype, run_cli
+from entrypoints.common import (
+    UserError,
+    add_device_args,
+    apply_threads,
+    load_prompts,
+    resolve_device,
+    resolve_dtype,
+    run_cli,
+)
+from entrypoints.outputs import check_output_dir
+from entrypoints.validation import (
+    check_counts,
+    check_number,
+    parse_number,
+    validate_benchmark_setting,
+    validate_sampling_args,
+)
 from models.registry import MODELS, REPO_ROOT
 
 DEFAULT_SETTINGS = [
@@ -62,7 +78,6 @@ def parse_args() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="runs/benchmark")
     p.add_argument("--save_images", action="store_true", help="save a PNG grid per setting")
     p.add_argument("--verify_cost", action="store_true", help="time tree verification vs one AR step instead")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--batch_size", type=int, nargs="+", default=[1],
                    help="prompts per batch; several values give one row per setting and batch size")
     add_device_args(p)
@@ -73,20 +88,28 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     name, _, rest = text.partition(":")
     if name not in ("ar", "eagle2", "eagle1", "lantern", "lantern++") + JACOBI_SETTINGS:
         raise ValueError(f"unknown setting {name!r} in {text!r}")
+    bad = [kv for kv in rest.split(",") if kv and "=" not in kv]
+    if bad:
+        raise UserError(f"setting {text!r}: options are key=value, got {bad}")
     opts = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
-    out = {"label": text, "name": name, "k": int(opts.pop("k", default_k)), "tree": opts.pop("tree", default_tree)}
+    what = f"setting {text!r}"
+    out = {"label": text, "name": name, "k": parse_number(str(opts.pop("k", default_k)), int, f"{what} k"),
+           "tree": opts.pop("tree", default_tree)}
     for key in ("delta", "lam"):
         if key in opts:
-            out[key] = float(opts.pop(key))
+            out[key] = parse_number(opts.pop(key), float, f"{what} {key}")
     for key in ("top_k_draft", "depth", "total_token", "window", "group", "coupling"):
         if key in opts:
-            out[key] = int(opts.pop(key))
+            out[key] = parse_number(opts.pop(key), int, f"{what} {key}")
     if opts:
         raise ValueError(f"unknown options {sorted(opts)} in {text!r}")
     if name in ("lantern", "sjd+lantern") and "delta" not in out:
         raise ValueError(f"{text!r}: lantern needs delta=...")
     if name in ("lantern++", "sjd+lantern++") and "lam" not in out:
         raise ValueError(f"{text!r}: lantern++ needs lam=...")
+    validate_benchmark_setting(out)
+    for key in ("window", "group"):  # the Jacobi settings' sizes
+        check_number(f"setting {text!r}: {key}", out.get(key), lo=1)
     return out
 
 
@@ -158,7 +181,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         drafter = load_drafter(resolve_path(spec, "drafter", args.drafter_path), device, dtype, family.target.config)
     if any(needs_neighbours(s["name"]) for s in settings):
         k = max(s["k"] for s in settings)
-        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=k).to(device)
+        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=k,
+                                          num_codes=getattr(family, "num_codes", None)).to(device)
     from entrypoints.generate_images import default_prompt
 
     prompt = args.prompt or default_prompt(args.model)[0]
@@ -310,10 +334,16 @@ def run_verify_cost(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    validate_sampling_args(args)
+    check_counts(args, {"num_images": 1, "lantern_k": 1})
+    check_output_dir(args.output_dir)
+    apply_threads(args.threads)
     for s in args.settings:  # fail fast on a typo
         parse_setting(s, args.lantern_k, args.tree_choices)
+    from models.drafters.choices import get_tree_choices
+
+    for tree in {parse_setting(s, args.lantern_k, args.tree_choices)["tree"] for s in args.settings}:
+        get_tree_choices(tree)  # a bad tree name fails now, not after the first settings ran
     if min(args.batch_size) < 1:
         raise UserError(f"--batch_size must be >= 1, got {min(args.batch_size)}")
     if args.verify_cost:

@@ -191,6 +191,9 @@ def _collate(batch: list[dict]) -> list[dict]:
 
 def run_extract_code(args: argparse.Namespace) -> dict:
     """Encode every selected, not yet finished sample of this process's share; returns the manifest."""
+    from entrypoints.validation import validate_common_args
+
+    validate_common_args(args)  # every number in range and the output folder writable, before any work
     ctx = ProcessContext.current(args.device)
     device = ctx.device(resolve_device(args.device) if args.device else None) or resolve_device(None)
     dtype = resolve_dtype(args.precision, device)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from entrypoints.common import UserError, resolve_device, run_cli
+from entrypoints.common import UserError, add_threads_arg, apply_threads, resolve_device, run_cli
 from models.drafters.neighbours import build_neighbour_table, load_neighbour_table, save_neighbour_table
 from models.registry import MODELS, ModelSpec, get_spec, resolve_path
 
@@ -63,6 +63,7 @@ def parse_args() -> argparse.ArgumentParser:
                    "top_{N-1}_indices.npy (uint16, raw-L2 order) or one of ours; keeps its first --top_k columns; "
                    "no VQ checkpoint needed")
     p.add_argument("--overwrite", action="store_true", help="replace --save_path if it already exists")
+    add_threads_arg(p)
     return p
 
 
@@ -131,7 +132,11 @@ def table_from_dense(path: Path, args: argparse.Namespace) -> tuple[torch.Tensor
     if not path.is_file():
         raise UserError(f"--from_dense {path}: file not found (expected the original's top_{{N-1}}_indices.npy)")
     if path.suffix == ".npy":
-        shape = np.load(path, mmap_mode="r").shape  # header only: the dense LlamaGen table is 512 MB
+        try:
+            shape = np.load(path, mmap_mode="r").shape  # header only: the dense LlamaGen table is 512 MB
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"--from_dense {path}: not a readable .npy array ({e}); expected the original's "
+                            f"top_{{N-1}}_indices.npy") from None
     else:
         shape = tuple(load_neighbour_table(path).shape)
     if len(shape) != 2 or shape[0] < 2:
@@ -175,6 +180,10 @@ def run(args: argparse.Namespace) -> Path:
     _check_save_path(save_path, args.overwrite)
     if args.chunk_size < 1:
         raise UserError(f"--chunk_size {args.chunk_size}: must be >= 1")
+    from entrypoints.outputs import check_output_dir
+
+    check_output_dir(save_path.parent, "--save_path's folder")
+    apply_threads(args.threads)
 
     if args.from_dense is not None:
         table, meta = table_from_dense(Path(args.from_dense), args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,11 +22,14 @@ from tqdm import tqdm
 from entrypoints.common import (
     UserError,
     add_device_args,
+    apply_threads,
     load_prompts,
     resolve_device,
     resolve_dtype,
     run_cli,
 )
+from entrypoints.outputs import OutputLock, check_output_dir, check_same_settings, finished_from_other_ranges
+from entrypoints.validation import validate_generate_args
 from models.checkpoints import write_json_atomic
 from models.distributed import ProcessContext
 from models.registry import MODELS
@@ -74,7 +78,8 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: the model's")
     g.add_argument("--top_k", type=int, default=None, help="0 = off; default: the model's")
     g.add_argument("--top_p", type=float, default=None, help="1 = off; default: the model's")
-    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off); default: the model's")
+    g.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale; <= 1 = off (as in LlamaGen); default: the model's")
 
     g = p.add_argument_group("speculative decoding (--model_type eagle)")
     g.add_argument("--lantern", action="store_true", help="relaxed acceptance over latent neighbourhoods (LANTERN / LANTERN++)")
@@ -116,6 +121,27 @@ def _sampling(args: argparse.Namespace, defaults) -> tuple[SamplingConfig, float
     )
     return sampling, defaults.cfg if args.cfg is None else args.cfg
 
+
+# generation_configs.json entries that change what an image is: a resumed run must match them
+RESUME_KEYS = ["model", "model_type", "model_path", "vq_path", "t5_path", "drafter_path", "codebook_path", "image_size",
+               "prompt", "prompt_dir", "set_seed", "random_seed", "resolved_temperature", "resolved_top_k",
+               "resolved_top_p", "resolved_cfg", "resolved_precision", "lantern", "lantern_k", "lantern_delta",
+               "lantern_tvd", "lantern_lambda", "static_tree", "tree_choices", "eagle_version", "cfg_mode",
+               "top_k_draft", "depth", "total_token", "drafter_top_k",
+               "sjd_window", "sjd_coupling", "gsd", "gsd_group", "gsd_k"]
+
+
+def _validate_sjd_args(args: argparse.Namespace) -> None:
+    """The Jacobi and GSD flags (``--model_type sjd``; GSD also works on EAGLE trees)."""
+    from entrypoints.validation import check_number
+
+    check_number("--sjd_window", args.sjd_window, lo=1)
+    check_number("--gsd_group", args.gsd_group, lo=1)
+    check_number("--gsd_k", args.gsd_k, lo=1)
+    if args.gsd and args.model_type == "base":
+        raise UserError("--gsd (grouped acceptance) needs speculative decoding: add --model_type sjd")
+    if args.gsd and (args.lantern or args.lantern_tvd is not None or args.lantern_lambda is not None):
+        raise UserError("give --gsd or --lantern (LANTERN / LANTERN++), not both")
 
 DEFAULT_PROMPT_FILES = {"demo": "demo_digits.txt", "llamagen_c2i": "imagenet_classes.txt"}
 
@@ -160,6 +186,10 @@ def run_generate_image(args: argparse.Namespace) -> dict:
     if args.model_type == "vllm":
         raise UserError("--model_type vllm is not supported in this version (it needs the patched vLLM 0.6.3 of the "
                         "original); use base or eagle")
+    validate_generate_args(args)
+    _validate_sjd_args(args)
+    check_output_dir(args.output_dir)
+    apply_threads(args.threads)
     from models.registry import load_family
 
     ctx = ProcessContext.current(args.device)
@@ -173,8 +203,6 @@ def run_generate_image(args: argparse.Namespace) -> dict:
     family = load_family(args.model, device, dtype, args.model_path, args.vq_path, args.t5_path, args.image_size)
     sampling, cfg_scale = _sampling(args, family.defaults)
     decoder = None
-    if args.gsd and (args.lantern or args.lantern_tvd is not None or args.lantern_lambda is not None):
-        raise UserError("give --gsd or --lantern (LANTERN / LANTERN++), not both")
     if args.model_type in ("eagle", "sjd"):
         from models.ea_model import build_speculative_decoder
 
@@ -190,12 +218,17 @@ def run_generate_image(args: argparse.Namespace) -> dict:
     config.update(resolved_temperature=sampling.temperature, resolved_top_k=sampling.top_k,
                   resolved_top_p=sampling.top_p, resolved_cfg=cfg_scale, resolved_device=str(device),
                   resolved_precision=str(dtype).replace("torch.", ""))
+    check_same_settings(out / "generation_configs.json", config, RESUME_KEYS, args.overwrite)
+    lock = OutputLock(out, f"generate_images.rank{ctx.rank}").acquire()
     if ctx.is_main:
         write_json_atomic(config, out / "generation_configs.json")
     if ctx.world > 1 and final_path.exists() and not args.overwrite:  # resume a sharded run
         done = json.loads(final_path.read_text())
         stats.update({k: v for k, v in done.items() if k in {f"prompt_{i}" for i, _ in items}})
 
+    if not args.overwrite:  # images finished by an earlier run over another range keep their statistics
+        stats.update({k: v for k, v in finished_from_other_ranges(out, final_path, {f"prompt_{i}" for i, _ in items}).items()
+                      if k not in stats})
     todo = [(i, p) for i, p in items if args.overwrite or f"prompt_{i}" not in stats or not (out / f"prompt_{i}.png").exists()]
     if len(todo) < len(items):
         print(f"resuming: {len(items) - len(todo)} of {len(items)} images already in {out}")
@@ -219,7 +252,7 @@ def run_generate_image(args: argparse.Namespace) -> dict:
             per_prompt = gstats.extra["per_prompt"]
         images = family.decode_images(tokens)
         for j, ((idx, prompt_text), pstats) in enumerate(zip(chunk, per_prompt)):
-            tmp = out / f"prompt_{idx}.tmp.png"
+            tmp = out / f"prompt_{idx}.tmp{os.getpid()}.png"  # unique: another writer never shares it
             save_image(images[j : j + 1], tmp)
             tmp.replace(out / f"prompt_{idx}.png")
             if args.save_tokens:
@@ -239,6 +272,7 @@ def run_generate_image(args: argparse.Namespace) -> dict:
         items = all_items
     if ctx.is_main:
         _print_summary(stats, items)
+    lock.release()
     return stats
 
 

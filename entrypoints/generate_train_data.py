@@ -116,6 +116,9 @@ def code_batches(
 
 def run_generate_train_data(args: argparse.Namespace) -> dict:
     """Compute and store the hidden states of every selected, not yet finished sample of this process's share."""
+    from entrypoints.validation import validate_common_args
+
+    validate_common_args(args)  # every number in range and the output folder writable, before any work
     from models.base_models.llamagen.loading import load_llamagen_gpt
     from models.base_models.llamagen.t5 import to_left_padding
     from models.registry import get_spec, resolve_path

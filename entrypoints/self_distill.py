@@ -143,6 +143,9 @@ def generate_seeded(
 
 def run_self_distill(args: argparse.Namespace) -> dict:
     """Generate every requested, not yet finished sample of this process's share; returns the manifest."""
+    from entrypoints.validation import validate_common_args
+
+    validate_common_args(args)  # every number in range and the output folder writable, before any work
     from models.base_models.llamagen.t5 import to_left_padding
     from models.registry import load_family
 

@@ -42,12 +42,22 @@ def unwrap_state_dict(obj: dict, path: Path | str = "") -> dict[str, torch.Tenso
 
 
 def load_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` into a flat state dict on CPU."""
+    """Load ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` into a flat state dict on CPU.
+
+    An empty, truncated or foreign file raises a CheckpointError naming it (never a bare SafetensorError)."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weight file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); expected a weight file (re-copy or re-download it)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends: name the file
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                                  f"corrupt (re-copy it)") from None
     return unwrap_state_dict(_torch_load(path), path)
 
 
@@ -57,10 +67,18 @@ def load_folder_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: expected a 'weight_map' of tensor name -> shard file")
             sd: dict[str, torch.Tensor] = {}
-            for shard in shards:
+            for shard in sorted(set(weight_map.values())):
+                if not (folder / shard).is_file():
+                    raise CheckpointError(f"{index} lists the shard {shard}, which is missing from {folder}")
                 sd.update(load_weight_file(folder / shard))
+            missing = sorted(set(weight_map) - set(sd))
+            if missing:
+                raise CheckpointError(f"{folder}: tensors listed in {index.name} are in no shard: "
+                                      + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
             return sd
     for name in ("model.safetensors", "pytorch_model.bin", "model.pt"):
         if (folder / name).exists():
@@ -73,8 +91,39 @@ def load_folder_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: str | os.PathLike) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    """A JSON object from ``path``; a missing, empty or malformed file raises a CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    try:
+        obj = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); it may be truncated or corrupt") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def require_fields(config: dict, required: tuple[str, ...], path: str | os.PathLike, what: str) -> None:
+    """A config that lacks the model's size fields is a wrong file, never a reason to build a default model."""
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise CheckpointError(f"{path} is not a {what} config: it lacks {', '.join(missing)} (found: "
+                              f"{', '.join(sorted(config)[:12])}); check that the path points at the {what}")
+
+
+def check_shapes_before_allocating(build, sd: dict[str, torch.Tensor], source: str, ignore_prefixes=()):
+    """Build the module on the meta device (no memory), check ``sd`` against it, then build it for real.
+
+    A file that cannot fit the configured model is reported before a large model is allocated."""
+    with torch.device("meta"):
+        check_state_dict(build(), sd, source, ignore_prefixes)
+    return build()
+
+
+def tmp_name(path: Path) -> Path:
+    """A temporary name beside ``path`` that no other process uses (its pid is in the name)."""
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
 
 
 def check_state_dict(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, ignore_prefixes=()) -> None:
@@ -97,7 +146,7 @@ def save_safetensors_atomic(sd: dict[str, torch.Tensor], path: str | os.PathLike
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_name(path)
     save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
@@ -105,6 +154,6 @@ def save_safetensors_atomic(sd: dict[str, torch.Tensor], path: str | os.PathLike
 def write_json_atomic(obj, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_name(path)
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)

@@ -410,7 +410,7 @@ def _add_padded(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def accept_from_args(args, spec, device) -> tuple[AcceptConfig, torch.Tensor | None]:
+def accept_from_args(args, spec, device, family=None) -> tuple[AcceptConfig, torch.Tensor | None]:
     """The acceptance rule the command line describes (exact, LANTERN δ, LANTERN++ λ, or GSD with ``--gsd``)
     and the neighbour table it needs (None for the exact rule)."""
     from models.drafters.neighbours import load_neighbour_table
@@ -428,7 +428,8 @@ def accept_from_args(args, spec, device) -> tuple[AcceptConfig, torch.Tensor | N
         accept = AcceptConfig.from_original_flags(args.lantern, args.lantern_k, args.lantern_delta)
     neighbours = None
     if accept.enabled:
-        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.k).to(device)
+        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.k,
+                                          num_codes=getattr(family, "num_codes", None)).to(device)
     return accept, neighbours
 
 
@@ -441,7 +442,7 @@ def build_speculative_decoder(family, args, sampling: SamplingConfig, cfg_scale:
     spec = get_spec(args.model)
     target = family.target
     param = target.lm_head.weight
-    accept, neighbours = accept_from_args(args, spec, param.device)
+    accept, neighbours = accept_from_args(args, spec, param.device, family)
     if args.model_type == "sjd":  # Speculative Jacobi Decoding: the same round with a drafter-free proposer
         from models.drafters.jacobi import JacobiProposer
 

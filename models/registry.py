@@ -136,8 +136,15 @@ def load_family(
     # fp16 convolutions are slow or missing on CPU and the VQ is small: decode in fp32 unless bf16 was asked.
     vq = load_llamagen_vq(resolve_path(spec, "vq", vq_path), device, torch.float32 if dtype == torch.float16 else dtype)
     size = image_size or spec.image_size
-    block_size = (size // vq.config.downsample_factor) ** 2 if size is not None else None
+    ds = vq.config.downsample_factor
+    if size is not None and (size < ds or size % ds):
+        raise CheckpointError(f"--image_size {size}: must be a positive multiple of the VQ's downsample factor {ds} "
+                              f"(e.g. {ds * max(1, size // ds)})")
+    block_size = (size // ds) ** 2 if size is not None else None
     target = load_llamagen_gpt(resolve_path(spec, "model", model_path), device, dtype, block_size=block_size)
+    if target.config.vocab_size != vq.config.codebook_size:
+        raise CheckpointError(f"the target's vocabulary ({target.config.vocab_size} tokens) does not match the VQ "
+                              f"codebook ({vq.config.codebook_size} codes): --vq_path belongs to another model")
     text_encoder = None
     if target.config.model_type == "t2i":
         from models.base_models.llamagen.t5 import load_text_encoder

@@ -111,14 +111,32 @@ def list_shard_files(folder: str | os.PathLike, prefix: str) -> list[tuple[int, 
     return sorted(found)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def read_shard(path: str | os.PathLike, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """One shard -> (tensors, metadata with JSON values decoded). ``keys`` limits which tensors are read."""
+    """One shard -> (tensors, metadata with JSON values decoded). ``keys`` limits which tensors are read.
+
+    A truncated or foreign file raises :class:`DrafterDataError` naming it."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        names = list(f.keys()) if keys is None else [k for k in keys if k in f.keys()]
-        tensors = {k: f.get_tensor(k) for k in names}
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys()) if keys is None else [k for k in keys if k in f.keys()]
+            tensors = {k: f.get_tensor(k) for k in names}
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except Exception as e:  # noqa: BLE001 - SafetensorError, bad JSON metadata: name the file
+        raise DrafterDataError(f"{path}: not a readable safetensors shard ({e}); it may be truncated - delete it "
+                               f"and rerun the command that wrote it (finished shards are kept)") from None
+    if "sample_id" in (keys or []) and "sample_id" not in tensors:
+        raise DrafterDataError(f"{path}: shard without a 'sample_id' tensor; not written by this project")
     return tensors, meta
 
 
@@ -178,8 +196,13 @@ class ShardWriter:
         self.folder, self.prefix, self.rank, self.shard_size = Path(folder), prefix, rank, shard_size
         self.settings = settings
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(f"{prefix}_r{rank}_*.safetensors.tmp"):  # left by a killed run
-            stale.unlink()
+        from entrypoints.outputs import OutputLock  # a second writer of this rank's shards stops, naming the first
+
+        self.lock = OutputLock(self.folder, f"{prefix}.rank{rank}").acquire()
+        for stale in self.folder.glob(f"{prefix}_r{rank}_*.safetensors.tmp*"):  # left by a killed run
+            pid = stale.name.rpartition(".tmp")[2]
+            if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):
+                stale.unlink(missing_ok=True)
         own = [i for r, i, _ in list_shard_files(self.folder, prefix) if r == rank]
         self._next_index = max(own, default=-1) + 1
         self._tensors: dict[str, list[torch.Tensor]] = {}

@@ -19,6 +19,13 @@ CONFORMANCE = SHARED / "conformance"
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_per_test():
+    """Entry points set torch's thread count (--threads or its default); every test starts on one thread."""
+    torch.set_num_threads(1)
+    yield
+
+
 def conformance_dir(name: str) -> Path:
     d = CONFORMANCE / name
     if not d.exists():

@@ -32,6 +32,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -42,8 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from entrypoints.common import PRECISIONS, UserError, run_cli, set_seed
+from entrypoints.common import PRECISIONS, UserError, add_threads_arg, apply_threads, run_cli, set_seed
 from entrypoints.train_drafter.data_utils import EpochShuffleSampler, feature_noise, make_drafter_batch, split_indices
+from entrypoints.validation import validate_train_args
+from models.checkpoints import CheckpointError
 from models.distributed import check_process_count, needs_cpu_flag
 from models.drafters.cnets import INPUT_TYPES, DrafterConfig, EagleDrafter, load_drafter, save_drafter
 from models.registry import MODELS, REPO_ROOT
@@ -99,6 +102,8 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--save_every", "--save_freq", dest="save_every", type=int, default=1,
                    help="save a state every this many epochs (and at the end)")
     g.add_argument("--resume", action="store_true", help="continue from the newest state in --save_dir")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a --save_dir that holds one (its states and metrics are deleted)")
     g.add_argument("--stop_after_steps", type=int, default=None,
                    help="end this run (with a checkpoint) after this many optimizer steps, without changing the lr "
                    "schedule; continue later with --resume (for time-limited jobs)")
@@ -109,6 +114,7 @@ def parse_args() -> argparse.ArgumentParser:
                    help="mixed precision of the drafter's forward (master weights stay fp32); "
                    "default: accelerate's setting (fp32 unless launched with --mixed_precision)")
     g.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+    add_threads_arg(g)
     g.add_argument("--dump_rank_weights", action="store_true",
                    help="debug: every process writes its final weights to save_dir/rank_weights/rank{i}.safetensors")
     return p
@@ -185,7 +191,7 @@ def build_drafter(args, save_dir: Path, target_cfg, embed: torch.Tensor, info: D
     if args.resume and resume_dir is None:
         say(f"--resume: no checkpoint in {save_dir}; starting a new run")
     if resume_dir is not None:
-        state = torch.load(resume_dir / "training_state.pt", weights_only=True)
+        state = load_training_state(resume_dir / "training_state.pt")
         if state.get("format") != STATE_FORMAT:
             raise UserError(f"{resume_dir}/training_state.pt: unknown format {state.get('format')!r}")
         model = load_drafter(resume_dir, "cpu", torch.float32, target_cfg)
@@ -287,6 +293,93 @@ def save_checkpoint(save_dir: Path, name: str, model: EagleDrafter, training_sta
     return final
 
 
+def load_training_state(path: Path) -> dict:
+    """``training_state.pt`` of a checkpoint; an empty, truncated or foreign file names itself."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors of any kind: name the file
+        raise CheckpointError(f"{path} is not a readable training state ({type(e).__name__}: {e}); delete its "
+                              f"folder to resume from an older state, or start over with --overwrite") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path}: not a train_drafter training state (format {STATE_FORMAT})")
+    return state
+
+
+RUN_FILES = ("latest", "metrics.jsonl", "train_args.json")
+
+
+def existing_run(save_dir: Path) -> list[str]:
+    """The checkpoints of an earlier run in ``save_dir`` (``latest`` and ``state_*``); metrics without a
+    checkpoint (a run stopped before its first save) belong to no run and are replaced by a new one."""
+    if not save_dir.is_dir():
+        return []
+    found = ["latest"] if (save_dir / "latest").exists() else []
+    return found + sorted(d.name for d in save_dir.glob("state_*") if d.is_dir())
+
+
+def clear_run(save_dir: Path) -> None:
+    """--overwrite: remove an earlier run's states and metrics (nothing else in the folder)."""
+    for name in [*existing_run(save_dir), *(n for n in RUN_FILES[1:] if (save_dir / n).exists())]:
+        target = save_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    for extra in [*save_dir.glob(".tmp_state_*"), *save_dir.glob(".old_state_*"), save_dir / "rank_weights"]:
+        if extra.exists():
+            shutil.rmtree(extra)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: the same flags without --overwrite, plus --resume."""
+    flags = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in flags:
+        flags.append("--resume")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    head = (f"accelerate launch --num_processes {world} -m entrypoints.train_drafter.main" if world > 1
+            else "python main.py train_drafter")
+    return " ".join([head, *flags])
+
+
+def truncate_metrics(path: Path, records: int | None, step: int) -> None:
+    """Keep the first ``records`` lines of ``metrics.jsonl`` (what the resumed state had logged), so records
+    written after that checkpoint by an interrupted run are not duplicated. Older states without the count:
+    keep the records up to ``step``."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    if records is not None:
+        kept = lines[:records]
+    else:
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:
+                continue  # a line cut by a kill
+    if len(kept) != len(lines):
+        _write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def check_resume_compatible(state: dict, micro_per_epoch: int, schedule_steps: int, warmup: int, lr_schedule: str,
+                            resume_dir: Path) -> None:
+    """Refuse a --resume whose changed settings would not continue the saved run correctly, with the reason."""
+    saved_micro = state.get("micro_per_epoch")
+    if state.get("batches_done") and saved_micro is not None and saved_micro != micro_per_epoch:
+        raise UserError(
+            f"--resume: {resume_dir} stopped inside epoch {state['epoch'] + 1} after {state['batches_done']} of "
+            f"{saved_micro} micro-batches per process; with the new --bs / process count an epoch has "
+            f"{micro_per_epoch}, so the position in the epoch would mean other samples. Resume with the saved "
+            f"--bs {state.get('args', {}).get('bs')} and the same number of processes")
+    saved = (state.get("schedule_steps"), state.get("warmup_steps"))
+    if saved[0] is not None and saved != (schedule_steps, warmup):
+        past_warmup = state["step"] >= max(warmup, saved[1] or 0)
+        if lr_schedule != "constant" or not past_warmup:
+            raise UserError(
+                f"--resume: the learning-rate schedule of {resume_dir} was planned for {saved[0]} steps with "
+                f"{saved[1]} warm-up steps; the new flags (--num_epochs / --max_steps / --bs / "
+                f"--gradient_accumulation_steps / warm-up) plan {schedule_steps} and {warmup}, so the lr would jump. "
+                f"Resume with the saved settings, or use --lr_schedule constant past the warm-up, or a new --save_dir")
+
+
 def latest_checkpoint(save_dir: Path) -> Path | None:
     """The state folder named by ``save_dir/latest`` (or the highest-numbered ``state_*``), if any."""
     marker = save_dir / "latest"
@@ -297,11 +390,59 @@ def latest_checkpoint(save_dir: Path) -> Path | None:
     states = [d for d in save_dir.glob("state_*") if (d / "training_state.pt").exists()]
     if not states:
         return None
-    return max(states, key=lambda d: torch.load(d / "training_state.pt", weights_only=True)["step"])
+    return max(states, key=lambda d: load_training_state(d / "training_state.pt")["step"])
 
 
 # ---------------------------------------------------------------------------------------------------
 # training
+
+
+class InterruptFlag:
+    """SIGINT during training: finish the current optimizer step, save a checkpoint, then stop.
+
+    The first Ctrl-C only sets a flag (a second one interrupts at once, without saving). With several
+    processes the flag is all-reduced at every optimizer step, so all of them stop after the same step
+    (stopping one alone would leave the others waiting in an all-reduce)."""
+
+    def __init__(self, num_processes: int):
+        self.num_processes, self.seen, self._flag, self._previous = num_processes, False, False, None
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self._flag = True
+        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again quits without saving)", file=sys.stderr)
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+
+    def local_only_requested(self) -> bool:
+        """Single process: stop at the next micro-batch."""
+        self.seen |= self._flag and self.num_processes == 1
+        return self._flag and self.num_processes == 1
+
+    def requested(self) -> bool:
+        """At an optimizer step boundary: did any process get SIGINT?"""
+        flag = self._flag
+        if self.num_processes > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([1.0 if flag else 0.0])
+            if dist.is_available() and dist.is_initialized():
+                if dist.get_backend() == "nccl":
+                    t = t.cuda()
+                dist.all_reduce(t)
+            flag = bool(t.item() > 0)
+        self.seen |= flag
+        return flag
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            try:
+                signal.signal(signal.SIGINT, self._previous)
+            except ValueError:
+                pass
+            self._previous = None
 
 
 def _accelerator(args):
@@ -341,12 +482,20 @@ def train(args: argparse.Namespace) -> dict:
 
     if args.train_data_ratio is not None:
         args.eval_fraction = 1.0 - args.train_data_ratio
-    for name in ("bs", "gradient_accumulation_steps", "num_epochs", "log_every", "eval_freq", "save_every"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1")
+    validate_train_args(args)
+    apply_threads(args.threads)
+    save_dir = Path(args.save_dir) if args.save_dir else REPO_ROOT / "ckpts" / args.model / "trained_drafters" / "train"
+    from entrypoints.outputs import check_output_dir
+
+    check_output_dir(save_dir, "--save_dir")
+    if args.resume and args.overwrite:
+        raise UserError("give --resume (continue the run in --save_dir) or --overwrite (start it again), not both")
+    earlier = existing_run(save_dir)
+    if earlier and not (args.resume or args.overwrite):
+        raise UserError(f"--save_dir {save_dir} already holds a run ({', '.join(earlier[:4])}); pass --resume to "
+                        f"continue it, --overwrite to start again, or choose another --save_dir")
     accelerator = _accelerator(args)
     main_proc = accelerator.is_main_process
-    save_dir = Path(args.save_dir) if args.save_dir else REPO_ROOT / "ckpts" / args.model / "trained_drafters" / "train"
     data_dir = Path(args.data_dir) if args.data_dir else REPO_ROOT / "data" / "drafter_train_data" / args.model
     set_seed(args.seed)  # identical initial weights on every process
 
@@ -386,6 +535,7 @@ def train(args: argparse.Namespace) -> dict:
 
     step, start_epoch, skip = 0, 0, 0
     if state is not None:
+        check_resume_compatible(state, micro_per_epoch, schedule_steps, warmup, args.lr_schedule, resume_dir)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -401,22 +551,35 @@ def train(args: argparse.Namespace) -> dict:
         accelerator.print(f"resumed from {resume_dir} at step {step} (epoch {start_epoch + 1}, batch {skip})")
 
     metrics_path = save_dir / "metrics.jsonl"
+    metrics_records = 0  # lines in metrics.jsonl: stored with each checkpoint so a resume can drop later ones
     if main_proc:
+        from entrypoints.outputs import OutputLock
+
+        lock = OutputLock(save_dir, "train_drafter").acquire()  # a second run into this folder stops, naming us
+        if args.overwrite:
+            clear_run(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
-        (save_dir / "train_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        if state is not None:
+            truncate_metrics(metrics_path, state.get("metrics_records"), step)
+        elif metrics_path.exists():  # a new run: earlier records (a run stopped before any checkpoint) are stale
+            metrics_path.unlink()
+        metrics_records = len(metrics_path.read_text().splitlines()) if metrics_path.exists() else 0
+        _write_text_atomic(save_dir / "train_args.json", json.dumps(vars(args), indent=2, default=str))
 
     def log(record: dict) -> None:
+        nonlocal metrics_records
         if main_proc:
             record = {**record, "time": round(time.time() - t0, 3)}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            metrics_records += 1
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     def training_state(next_epoch: int, batches_done: int) -> dict:
         return {"format": STATE_FORMAT, "step": step, "epoch": next_epoch, "batches_done": batches_done,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
                 "schedule_steps": schedule_steps, "warmup_steps": warmup, "micro_per_epoch": micro_per_epoch,
-                "num_processes": accelerator.num_processes,
+                "num_processes": accelerator.num_processes, "metrics_records": metrics_records,
                 "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
 
     def checkpoint(name: str, next_epoch: int, batches_done: int) -> Path:
@@ -442,6 +605,10 @@ def train(args: argparse.Namespace) -> dict:
     session_steps, stopped, last_dir = 0, False, None
     run_loss = torch.zeros(3, device=accelerator.device)  # loss, smooth_l1, soft_ce summed over logged steps
     run_count = 0
+    if state is not None and (step >= max_steps or start_epoch >= args.num_epochs):
+        accelerator.print(f"nothing to do: {resume_dir} already finished step {step} (epoch {start_epoch}); raise "
+                          f"--num_epochs / --max_steps to train further")
+    stop_signal = InterruptFlag(accelerator.num_processes)
     bar = tqdm(total=max(0, max_steps - step), disable=not main_proc, desc="train_drafter")
     epoch = start_epoch
     for epoch in range(start_epoch, args.num_epochs):
@@ -454,6 +621,11 @@ def train(args: argparse.Namespace) -> dict:
         micro = skip
         group_loss = torch.zeros(3, device=accelerator.device)
         for batch in loader:
+            if stop_signal.local_only_requested():  # one process: stop before this micro-batch, drop the partial group
+                micro = (micro // k) * k
+                optimizer.zero_grad(set_to_none=True)
+                stopped = True
+                break
             group_start = (micro // k) * k
             group_size = min(k, micro_per_epoch - group_start)
             sync = micro + 1 == group_start + group_size
@@ -501,10 +673,13 @@ def train(args: argparse.Namespace) -> dict:
             if step >= max_steps or (args.stop_after_steps is not None and session_steps >= args.stop_after_steps):
                 stopped = True
                 break
+            if stop_signal.requested():  # every process agrees at this step boundary (SIGINT)
+                stopped = True
+                break
         epoch_done = micro == micro_per_epoch
         skip = 0
         final = stopped or epoch + 1 == args.num_epochs or step >= max_steps
-        if eval_loader is not None and (not epoch_done or final or (epoch + 1) % args.eval_freq == 0):
+        if eval_loader is not None and not stop_signal.seen and (not epoch_done or final or (epoch + 1) % args.eval_freq == 0):
             last_eval = evaluate(accelerator, model, eval_loader, lm_head, args.p_w)
             log({"event": "eval", "epoch": epoch + 1, "step": step, **last_eval})
         if epoch_done and (final or (epoch + 1) % args.save_every == 0):
@@ -514,6 +689,10 @@ def train(args: argparse.Namespace) -> dict:
         if stopped:
             break
     bar.close()
+    stop_signal.restore()
+    if stop_signal.seen:
+        raise KeyboardInterrupt(f"checkpoint saved in {last_dir} (step {step}); continue with: "
+                                f"{resume_command(getattr(args, 'argv', None) or sys.argv[1:])}")
 
     if args.dump_rank_weights:
         from models.checkpoints import save_safetensors_atomic
@@ -525,12 +704,16 @@ def train(args: argparse.Namespace) -> dict:
         accelerator.print(f"done: step {step}; drafter in {last_dir} (generate_images --model_type eagle "
                           f"--drafter_path {last_dir})")
     accelerator.end_training()
+    if main_proc:
+        lock.release()
     return {"step": step, "epoch": epoch + 1, "state_dir": last_dir, "eval": last_eval,
             "num_processes": accelerator.num_processes}
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_args().parse_args(argv))
+    args = parse_args().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command of an interrupt
+    train(args)
 
 
 if __name__ == "__main__":

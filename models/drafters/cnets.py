@@ -169,6 +169,28 @@ DRAFTER_LAYOUT_HINT = (
 )
 
 
+DRAFTER_FIELDS = ("hidden_size", "num_attention_heads", "vocab_size")
+
+
+def check_drafter_matches_target(cfg: DrafterConfig, target_config, path) -> None:
+    """The drafter reads the target's features and tokens and uses its lm_head and sequence layout: the
+    widths, vocabulary and layout must agree (checked from the configs, before any weight is allocated)."""
+    from models.checkpoints import CheckpointError
+
+    problems = []
+    if cfg.hidden_size != target_config.dim:
+        problems.append(f"hidden_size {cfg.hidden_size} != the target's {target_config.dim}")
+    if cfg.vocab_size != target_config.vocab_size:
+        problems.append(f"vocab_size {cfg.vocab_size} != the target's {target_config.vocab_size}")
+    if cfg.block_size != target_config.block_size:
+        problems.append(f"image tokens (block_size) {cfg.block_size} != the target's {target_config.block_size}")
+    if cfg.cls_token_num != target_config.cls_token_num:
+        problems.append(f"condition length {cfg.cls_token_num} != the target's {target_config.cls_token_num}")
+    if problems:
+        raise CheckpointError(f"drafter {path} was not trained for this target: {'; '.join(problems)} "
+                              f"(pass the --drafter_path trained for this model)")
+
+
 def load_drafter(path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  target_config=None) -> EagleDrafter:
     """Load a drafter folder (LANTERN's released format or ours); strict name/shape check.
@@ -178,21 +200,32 @@ def load_drafter(path, device: torch.device | str = "cpu", dtype: torch.dtype = 
     """
     from pathlib import Path
 
-    from models.checkpoints import CheckpointError, check_state_dict, load_folder_weights, read_json
+    from models.checkpoints import (
+        CheckpointError,
+        check_shapes_before_allocating,
+        load_folder_weights,
+        read_json,
+        require_fields,
+    )
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"drafter not found at {path} (no config.json)\nExpected layout:\n{DRAFTER_LAYOUT_HINT}")
     raw = read_json(path / "config.json")
+    require_fields(raw.get("config_json", raw), DRAFTER_FIELDS, path / "config.json", "EAGLE drafter")
     if target_config is not None and "block_size" not in raw and raw.get("input_type") not in INPUT_TYPES:
         raw = {**raw, "block_size": target_config.block_size, "cls_token_num": target_config.cls_token_num}
-    cfg = DrafterConfig.from_dict(raw)
-    model = EagleDrafter(cfg)
+    try:
+        cfg = DrafterConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: invalid drafter config ({e})") from None
+    if target_config is not None:
+        check_drafter_matches_target(cfg, target_config, path)
     sd = load_folder_weights(path)
     # the LANTERN drafter shares the target's embedding; some files omit it
     if "embed_tokens.weight" not in sd and target_config is not None:
         raise CheckpointError(f"{path}: drafter weights lack embed_tokens.weight")
-    check_state_dict(model, sd, str(path))
+    model = check_shapes_before_allocating(lambda: EagleDrafter(cfg), sd, str(path))
     model.load_state_dict(sd, strict=False)
     return model.to(device=device, dtype=dtype).eval()
 

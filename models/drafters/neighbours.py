@@ -134,32 +134,52 @@ def save_neighbour_table(path: str | Path, table: torch.Tensor, meta: dict[str, 
     return path
 
 
-def load_neighbour_table(path: str | Path, k: int | None = None) -> torch.Tensor:
+def load_neighbour_table(path: str | Path, k: int | None = None, num_codes: int | None = None) -> torch.Tensor:
     """Read a neighbour table as int64 (N, K), keeping only the first ``k`` columns if given.
 
     Reads our ``.safetensors`` / ``.npy`` files and the original's dense ``top_{N-1}_indices.npy`` (uint16,
     (N, N−1), memory-mapped so only the kept columns are converted). A table that still contains the code
     itself in column 0 ((N, N) with ``table[:, 0] == arange(N)``) has that column dropped.
+    With ``num_codes`` (the codebook size of the model that will use it) the rows must number ``num_codes``.
+    Every failure (missing, corrupt, wrong shape, ids out of range, too few columns) is a ``ValueError``
+    naming the file and what was expected.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+    hint = "build one with `python main.py generate_codebook`"
+    if not path.is_file():
+        raise ValueError(f"neighbour table not found: {path} ({hint})")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
 
-        arr = load_file(str(path))[TABLE_KEY]
-    elif path.suffix == ".npy":
-        arr = np.load(path, mmap_mode="r")
-    else:
-        raise ValueError(f"unsupported neighbour-table extension {path.suffix!r} (use .safetensors or .npy)")
-    if arr.ndim != 2:
-        raise ValueError(f"neighbour table must be 2-D, got shape {arr.shape}")
+            tensors = load_file(str(path))
+            if TABLE_KEY not in tensors:
+                raise ValueError(f"no tensor {TABLE_KEY!r} (has {sorted(tensors)})")
+            arr = tensors[TABLE_KEY]
+        elif path.suffix == ".npy":
+            arr = np.load(path, mmap_mode="r")
+        else:
+            raise ValueError(f"unsupported extension {path.suffix!r} (use .safetensors or .npy)")
+    except Exception as e:  # noqa: BLE001 - SafetensorError, truncated .npy, pickled object arrays ...
+        raise ValueError(f"{path} is not a readable neighbour table ({e}); {hint}") from None
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{path}: a neighbour table is a 2-D integer array, got shape {arr.shape} {arr.dtype}")
     n = arr.shape[0]
+    if num_codes is not None and n != num_codes:
+        raise ValueError(f"{path} has {n} rows but the model's codebook has {num_codes} codes: it belongs to another "
+                         f"VQ; {hint} --model <this model>")
     if arr.shape[1] == n and n > 0 and np.array_equal(np.asarray(arr[:, 0]), np.arange(n)):
         arr = arr[:, 1:]
     if k is not None:
         if not 1 <= k <= arr.shape[1]:
-            raise ValueError(f"asked for k={k} neighbours but the table has {arr.shape[1]} columns")
+            raise ValueError(f"--lantern_k {k}: {path} holds only {arr.shape[1]} neighbours per code; use "
+                             f"--lantern_k <= {arr.shape[1]} or rebuild it with generate_codebook --top_k {k}")
         arr = arr[:, :k]
-    return torch.from_numpy(np.asarray(arr).astype(np.int64))
+    table = torch.from_numpy(np.asarray(arr).astype(np.int64))
+    if num_codes is not None and table.numel() and (int(table.min()) < 0 or int(table.max()) >= n):
+        raise ValueError(f"{path}: neighbour ids must lie in [0, {n}), found {int(table.min())}..{int(table.max())}; "
+                         f"not a neighbour table of {n} codes")
+    return table
 
 
 def chameleon_to_token_ids(table: torch.Tensor, offset: int = 4, vocab_size: int | None = None) -> torch.Tensor:

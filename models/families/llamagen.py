@@ -48,6 +48,11 @@ class LlamaGenFamily(ImageFamily):
         return self.target.config.block_size
 
     @property
+    def num_codes(self) -> int:
+        """VQ codebook size = the rows a neighbour table must have (LlamaGen's token id is the VQ index)."""
+        return self.vq.config.codebook_size
+
+    @property
     def device(self) -> torch.device:
         return self.target.tok_embeddings.weight.device
 

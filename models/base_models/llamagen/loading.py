@@ -19,11 +19,40 @@ from models.base_models.llamagen.gpt import GPT_SIZES, GPTConfig, LlamaGenGPT
 from models.base_models.llamagen.vq_model import VQConfig, VQModel
 from models.checkpoints import (
     CheckpointError,
-    check_state_dict,
+    check_shapes_before_allocating,
     load_folder_weights,
     load_weight_file,
     read_json,
+    require_fields,
 )
+
+GPT_FIELDS = ("dim", "n_layer", "n_head", "vocab_size")
+HF_GPT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+VQ_FIELDS = ("codebook_size", "codebook_embed_dim")
+
+
+def _gpt_config(raw: dict, path: Path) -> GPTConfig:
+    """Our / LlamaGen ModelArgs config; the size fields must be there (no 6.6 B default model for a wrong file)."""
+    require_fields(raw.get("ModelArgs", raw), GPT_FIELDS, path, "LlamaGen GPT")
+    try:
+        return GPTConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid GPT config ({e})") from None
+
+
+def _vq_config(raw: dict, path: Path) -> VQConfig:
+    require_fields(raw.get("ModelArgs", raw), VQ_FIELDS, path, "LlamaGen VQ tokenizer")
+    try:
+        return VQConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid VQ config ({e})") from None
+
+
+def _needs(sd: dict, names: tuple[str, ...], path: Path, what: str) -> None:
+    missing = [n for n in names if n not in sd]
+    if missing:
+        raise CheckpointError(f"{path}: not a {what} checkpoint (no {', '.join(missing)}; it holds "
+                              f"{', '.join(sorted(sd)[:6])}{' ...' if len(sd) > 6 else ''})")
 
 # ---------------------------------------------------------------------------------------------------
 # HF (LANTERN ``modeling_llamagen_kv.LlamaForCausalLM``) <-> LlamaGen names
@@ -164,24 +193,34 @@ def load_llamagen_gpt(
         if not cfg_path.exists():
             raise CheckpointError(f"{path} has no config.json\nExpected one of:\n{GPT_LAYOUT_HINT}")
         raw = read_json(cfg_path)
-        sd = _strip_prefixes(load_folder_weights(path))
         if "hidden_size" in raw:  # HF-converted (LANTERN) folder
+            require_fields(raw, HF_GPT_FIELDS, cfg_path, "LlamaGen GPT (HF-converted)")
             cfg = gpt_config_from_hf(raw)
-            if "model.embed_tokens.weight" in sd:
+        else:
+            cfg = _gpt_config(raw, cfg_path)
+        sd = _strip_prefixes(load_folder_weights(path))
+        if "hidden_size" in raw and "model.embed_tokens.weight" in sd:
+            try:
                 sd = hf_to_llamagen_state_dict(sd, cfg.n_layer)
-        else:
-            cfg = GPTConfig.from_dict(raw)
+            except KeyError as e:
+                raise CheckpointError(f"{path}: HF-converted weights lack {e} (config.json says "
+                                      f"{cfg.n_layer} layers)") from None
     else:
-        sd = _strip_prefixes(load_weight_file(path))
         sidecar = path.with_suffix(".json")
-        if sidecar.exists():  # LlamaGen ModelArgs for sizes that are not one of the named GPT sizes
-            cfg = GPTConfig.from_dict(read_json(sidecar))
-        else:
+        # LlamaGen ModelArgs for sizes that are not one of the named GPT sizes
+        cfg = _gpt_config(read_json(sidecar), sidecar) if sidecar.exists() else None
+        sd = _strip_prefixes(load_weight_file(path))
+        if cfg is None:
+            _needs(sd, ("tok_embeddings.weight", "layers.0.attention.wqkv.weight", "layers.0.feed_forward.w1.weight"),
+                   path, "LlamaGen GPT")
             cfg = infer_gpt_config(sd, block_size or 256)
+    if block_size is not None and path.is_dir() and "block_size" in raw and raw["block_size"] != block_size:
+        g = int(round(raw["block_size"] ** 0.5))
+        raise CheckpointError(f"{path} generates {raw['block_size']} image tokens ({g}x{g}); the requested image size "
+                              f"implies {block_size}: drop --image_size or give the model's own size")
     if block_size is not None:
         cfg.block_size = block_size
-    model = LlamaGenGPT(cfg)
-    check_state_dict(model, sd, str(path))
+    model = check_shapes_before_allocating(lambda: LlamaGenGPT(cfg), sd, str(path))
     model.load_state_dict(sd, strict=False)  # non-persistent RoPE table is not in files
     return model.to(device=device, dtype=dtype).eval()
 
@@ -198,17 +237,18 @@ def load_llamagen_vq(path: str | Path, device: torch.device | str = "cpu", dtype
     if not path.exists():
         raise CheckpointError(f"VQ checkpoint not found: {path}\nExpected one of:\n{VQ_LAYOUT_HINT}")
     if path.is_dir():
-        cfg = VQConfig.from_dict(read_json(path / "config.json"))
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path} has no config.json\nExpected one of:\n{VQ_LAYOUT_HINT}")
+        cfg = _vq_config(read_json(path / "config.json"), path / "config.json")
         sd = load_folder_weights(path)
     else:
-        sd = _strip_prefixes(load_weight_file(path))
         sidecar = path.with_suffix(".json")
-        if sidecar.exists():  # sizes other than LlamaGen's VQ-16
-            cfg = VQConfig.from_dict(read_json(sidecar))
-        else:
+        cfg = _vq_config(read_json(sidecar), sidecar) if sidecar.exists() else None  # sizes other than VQ-16
+        sd = _strip_prefixes(load_weight_file(path))
+        if cfg is None:
+            _needs(sd, ("quantize.embedding.weight",), path, "LlamaGen VQ")
             n, d = sd["quantize.embedding.weight"].shape
             cfg = VQConfig(codebook_size=n, codebook_embed_dim=d)  # VQ_16: ch 128, ch_mult [1,1,2,2,4], z 256
-    model = VQModel(cfg)
-    check_state_dict(model, sd, str(path))
+    model = check_shapes_before_allocating(lambda: VQModel(cfg), sd, str(path))
     model.load_state_dict(sd, strict=True)
     return model.to(device=device, dtype=dtype).eval()
