@@ -236,37 +236,39 @@ def run_generate_image(args: argparse.Namespace) -> dict:
 
     bar = tqdm(total=len(todo), desc=f"{args.model}/{args.model_type}" + (f" [rank {ctx.rank}]" if ctx.world > 1 else ""),
                unit="img", position=ctx.rank)
-    for chunk in (todo[i : i + args.batch_size] for i in range(0, len(todo), args.batch_size)):
-        # one generator per image (seed random_seed + idx), consumed by that image only: batch-invariant
-        generators = [torch.Generator(device=device).manual_seed(
-            args.random_seed + idx if args.set_seed else int(torch.randint(0, 2**62, (1,)))) for idx, _ in chunk]
-        prefix = family.build_prefix([p for _, p in chunk], cfg_scale)
-        if decoder is None:
-            from models.generation import generate_ar
+    try:  # the bar ends its line even when an error stops the run, so the error line stands alone
+        for chunk in (todo[i : i + args.batch_size] for i in range(0, len(todo), args.batch_size)):
+            # one generator per image (seed random_seed + idx), consumed by that image only: batch-invariant
+            generators = [torch.Generator(device=device).manual_seed(
+                args.random_seed + idx if args.set_seed else int(torch.randint(0, 2**62, (1,)))) for idx, _ in chunk]
+            prefix = family.build_prefix([p for _, p in chunk], cfg_scale)
+            if decoder is None:
+                from models.generation import generate_ar
 
-            tokens, gstats = generate_ar(family.target, prefix, family.num_image_tokens, sampling, generators,
-                                         family.allowed_tokens)
-            per_prompt = [{"step_compression": 1.0, "target_forwards": gstats.target_forwards}] * len(chunk)
-        else:
-            tokens, gstats = decoder.generate(prefix, generators)
-            per_prompt = gstats.extra["per_prompt"]
-        images = family.decode_images(tokens)
-        for j, ((idx, prompt_text), pstats) in enumerate(zip(chunk, per_prompt)):
-            tmp = out / f"prompt_{idx}.tmp{os.getpid()}.png"  # unique: another writer never shares it
-            save_image(images[j : j + 1], tmp)
-            tmp.replace(out / f"prompt_{idx}.png")
-            if args.save_tokens:
-                np.save(out / f"prompt_{idx}_tokens.npy", tokens[j].cpu().numpy())
-            # latency and tokens/s per image are the batch's, amortised over its images
-            stats[f"prompt_{idx}"] = {"prompt": prompt_text, "latency": gstats.latency / len(chunk), **pstats,
-                                      "tokens_per_second": gstats.tokens_per_second,
-                                      "num_tokens": family.num_image_tokens, "batch_size": len(chunk),
-                                      "batch_latency": gstats.latency}
-        write_json_atomic(stats, stats_path)
-        bar.update(len(chunk))
-        bar.set_postfix(latency=f"{gstats.latency / len(chunk):.2f}s/img",
-                        tau=f"{sum(p['step_compression'] for p in per_prompt) / len(chunk):.2f}")
-    bar.close()
+                tokens, gstats = generate_ar(family.target, prefix, family.num_image_tokens, sampling, generators,
+                                             family.allowed_tokens)
+                per_prompt = [{"step_compression": 1.0, "target_forwards": gstats.target_forwards}] * len(chunk)
+            else:
+                tokens, gstats = decoder.generate(prefix, generators)
+                per_prompt = gstats.extra["per_prompt"]
+            images = family.decode_images(tokens)
+            for j, ((idx, prompt_text), pstats) in enumerate(zip(chunk, per_prompt)):
+                tmp = out / f"prompt_{idx}.tmp{os.getpid()}.png"  # unique: another writer never shares it
+                save_image(images[j : j + 1], tmp)
+                tmp.replace(out / f"prompt_{idx}.png")
+                if args.save_tokens:
+                    np.save(out / f"prompt_{idx}_tokens.npy", tokens[j].cpu().numpy())
+                # latency and tokens/s per image are the batch's, amortised over its images
+                stats[f"prompt_{idx}"] = {"prompt": prompt_text, "latency": gstats.latency / len(chunk), **pstats,
+                                          "tokens_per_second": gstats.tokens_per_second,
+                                          "num_tokens": family.num_image_tokens, "batch_size": len(chunk),
+                                          "batch_latency": gstats.latency}
+            write_json_atomic(stats, stats_path)
+            bar.update(len(chunk))
+            bar.set_postfix(latency=f"{gstats.latency / len(chunk):.2f}s/img",
+                            tau=f"{sum(p['step_compression'] for p in per_prompt) / len(chunk):.2f}")
+    finally:
+        bar.close()
     if ctx.world > 1:
         stats = merge_rank_stats(ctx, final_path)
         items = all_items
