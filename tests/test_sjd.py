@@ -227,6 +227,22 @@ def test_sjd_cli_writes_the_same_statistics(tmp_path, _demo):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("flags,needle", [
+    (["--model_type", "sjd", "--sjd_window", "0"], "--sjd_window"),
+    (["--model_type", "sjd", "--gsd", "--gsd_group", "0"], "--gsd_group"),
+    (["--model_type", "base", "--gsd"], "--model_type sjd"),
+])
+def test_bad_jacobi_flags_are_one_line_errors(tmp_path, capsys, flags, needle):
+    import main as cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate_images", "--model", "demo", *flags, "--output_dir", str(tmp_path / "o"), "--num_images", "1"])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["benchmark", "--settings", "sjd:window=0", "--output_dir", str(tmp_path / "b")])
+    assert e.value.code == 2
+
+
 def test_benchmark_runs_the_jacobi_settings(tmp_path, _demo):
     import main as cli
 
