@@ -14,6 +14,9 @@ One round:
 5. the accepted path's KV rows move into place in the pre-allocated cache (no recomputation) and its hidden
    states feed the drafter next round.
 
+A drafter-free proposer (Speculative Jacobi Decoding, :mod:`models.drafters.jacobi`) replaces steps 1–2 with a
+chain of the previous iteration's predictions and redrafts its window after step 4; steps 3–5 are shared.
+
 CFG runs through every stage: the drafter runs on the cond and uncond streams (same tokens, each stream's own
 target features) and its logits are combined with the same scale as the target's.
 
