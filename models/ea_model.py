@@ -284,8 +284,8 @@ class SpeculativeDecoder:
             prefix_keys = keys[:, :slot0] & (torch.arange(slot0, device=dev) < pos_rows[:, None])
             roots_active = torch.cat([o[-1][-1:] for o in (outs[b] for b in active)])
             if self.proposer is not None:  # 1-2. drafter-free chains (SJD): the previous iteration's predictions
-                trees = self.proposer.propose(active, roots_active, [n_tok - n_out[b] for b in active], gens,
-                                              target.lm_head.weight.shape[0])
+                trees = self.proposer.propose(active, roots_active, [n_out[b] for b in active],
+                                              [n_tok - n_out[b] for b in active], gens, target.lm_head.weight.shape[0])
             else:
                 # 1. drafter catch-up, every row at its own slots/positions dlen + j (padded entries are discarded)
                 m = pend_ids.shape[1]

@@ -179,6 +179,25 @@ def test_gsd_and_lantern_on_jacobi_drafts_accept_more():
     assert taus["lantern"] > taus["exact"] and taus["gsd"] > taus["exact"]
 
 
+class _EveryThirdForced:
+    """A position-dependent token mask (like Lumina's newlines): index i ≡ 2 (mod 3) allows only token 0."""
+
+    def mask_at(self, index):
+        mask = torch.ones(index.numel(), 4, dtype=torch.bool)
+        mask[index % 3 == 2, 1:] = False
+        return mask[None]
+
+
+def test_new_window_positions_respect_position_dependent_masks():
+    prop = JacobiProposer(window=6, allowed_tokens=_EveryThirdForced())
+    (tree,) = prop.propose([0], torch.tensor([3]), [1], [20], torch.Generator().manual_seed(0), 4)
+    index = torch.arange(1, 7)  # the root is image token 0; window token j sits at index j
+    forced = index % 3 == 2
+    assert torch.all(tree.tokens[1:][forced] == 0)
+    assert torch.allclose(tree.draft_probs[:6][forced], torch.tensor([1.0, 0, 0, 0]))
+    assert torch.allclose(tree.draft_probs[:6][~forced], torch.full((4,), 0.25))
+
+
 def test_decoder_needs_exactly_one_proposer():
     target = _tiny_target()
     with pytest.raises(ValueError, match="exactly one"):

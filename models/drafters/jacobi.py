@@ -128,22 +128,31 @@ class JacobiProposer:
             self._chains[key] = build_tree(tokens, torch.arange(-1, length, device=tokens.device))
         return self._chains[key]
 
-    def _init_q(self, vocab: int, device) -> torch.Tensor:
-        """Random initialisation: uniform over the sampleable vocabulary."""
-        if self.allowed_tokens is None:
-            return torch.full((vocab,), 1.0 / vocab, device=device)
-        allowed = self.allowed_tokens.to(device).float()
-        return allowed / allowed.sum()
+    def _init_q(self, vocab: int, device, index: torch.Tensor, prompt: int) -> torch.Tensor:
+        """Random initialisation of new window positions (image-token indices ``index`` (n,)): uniform over the
+        tokens the family allows there -> (n, V). A position-dependent mask (``mask_at``, e.g. Lumina's forced
+        newlines) gives a point mass at a forced position, so its draft is always right."""
+        allowed = self.allowed_tokens
+        if allowed is None:
+            return torch.full((index.numel(), vocab), 1.0 / vocab, device=device)
+        if hasattr(allowed, "mask_at"):  # per position (rows of one batch may differ)
+            rows = allowed.mask_at(index)
+            mask = rows[prompt if rows.shape[0] > 1 else 0]
+        else:
+            mask = allowed.expand(index.numel(), -1)
+        mask = mask.to(device).float()
+        return mask / mask.sum(-1, keepdim=True)
 
     def _draw(self, q: torch.Tensor, generator) -> torch.Tensor:
         if self.greedy:  # Jacobi decoding: the likeliest token (greedy verification ignores q)
             return q.argmax(-1)
         return torch.multinomial(q, 1, generator=generator).squeeze(-1)
 
-    def propose(self, active: list[int], roots: torch.Tensor, remaining: list[int], generators,
+    def propose(self, active: list[int], roots: torch.Tensor, produced: list[int], remaining: list[int], generators,
                 vocab: int) -> list[DraftTree]:
-        """One chain per active prompt: root (last committed token) → its window, at most ``remaining − 1``
-        drafts (the round also yields one token of its own). New window positions are initialised at random."""
+        """One chain per active prompt: root (last committed token, image-token index ``produced − 1``) → its
+        window, at most ``remaining − 1`` drafts (the round also yields one token of its own). New window
+        positions are initialised at random."""
         trees = []
         dev = roots.device
         for i, b in enumerate(active):
@@ -151,8 +160,8 @@ class JacobiProposer:
             toks, q = self._state.get(b, (roots.new_zeros(0), torch.zeros(0, vocab, device=dev)))
             toks, q = toks[:length], q[:length]
             if toks.numel() < length:
-                n_new = length - toks.numel()
-                q_init = self._init_q(vocab, dev).expand(n_new, -1)
+                index = torch.arange(produced[i] + toks.numel(), produced[i] + length, device=dev)
+                q_init = self._init_q(vocab, dev, index, b)
                 gen = prompt_generator(generators, i)
                 toks = torch.cat([toks, self._draw(q_init, gen)])
                 q = torch.cat([q, q_init])
