@@ -62,6 +62,7 @@ def parse_args() -> argparse.ArgumentParser:
     p.add_argument("--model_path", default=None)
     p.add_argument("--vq_path", default=None)
     p.add_argument("--t5_path", default=None)
+    p.add_argument("--image_size", type=int, default=None, help="Anole / Lumina-mGPT image size (default 512 / 768)")
     p.add_argument("--drafter_path", default=None)
     p.add_argument("--codebook_path", default=None, help="neighbour table (default: the model's)")
     p.add_argument("--prompt", default=None, help="prompt set / file / literal (default: the model's prompt file)")
@@ -169,7 +170,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
-    family = load_family(args.model, device, dtype, args.model_path, args.vq_path, args.t5_path)
+    family = load_family(args.model, device, dtype, args.model_path, args.vq_path, args.t5_path, args.image_size)
     spec = get_spec(args.model)
     d = family.defaults
     sampling = SamplingConfig(d.temperature if args.temperature is None else args.temperature,
@@ -183,6 +184,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         k = max(s["k"] for s in settings)
         neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=k,
                                           num_codes=getattr(family, "num_codes", None)).to(device)
+        if hasattr(family, "neighbours_for_engine"):  # Chameleon: VQ-index table -> token ids
+            neighbours = family.neighbours_for_engine(neighbours)
     from entrypoints.generate_images import default_prompt
 
     prompt = args.prompt or default_prompt(args.model)[0]

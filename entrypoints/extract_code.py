@@ -42,7 +42,8 @@ from models.train_data import (
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Image sizes used when the GPT checkpoint (which fixes the token grid) is not available.
-DEFAULT_IMAGE_SIZES = {"demo": 32, "llamagen": 256, "llamagen2": 512, "llamagen_c2i": 256}
+DEFAULT_IMAGE_SIZES = {"demo": 32, "llamagen": 256, "llamagen2": 512, "llamagen_c2i": 256, "anole": 512,
+                       "lumina_mgpt": 768}
 
 
 def parse_args() -> argparse.ArgumentParser:
@@ -65,7 +66,8 @@ def parse_args() -> argparse.ArgumentParser:
     p.add_argument("--model_path", default=None,
                    help="target GPT checkpoint; only read for the token grid and model type, and optional when "
                    "--image_size is given or the model's default size applies")
-    p.add_argument("--vq_path", default=None, help="VQ tokenizer checkpoint; default: the ckpts/ layout")
+    p.add_argument("--vq_path", default=None,
+                   help="VQ tokenizer checkpoint (Chameleon: the tokenizer folder); default: the ckpts/ layout")
     p.add_argument("--t5_path", default=None, help="FLAN-T5 folder or a caption-feature cache (.safetensors), T2I only")
     p.add_argument("--image_size", type=int, default=None,
                    help="pixel size images are cropped to; default: VQ downsample factor x the target's grid side")
@@ -82,9 +84,12 @@ class Encoders:
     image_size: int
     text_encoder: Any = None
     class_parser: Callable[[str], int] | None = None
+    family: Any = None  # Chameleon: codes -> the family's token ids (and its image preprocessing)
 
     @property
     def num_image_tokens(self) -> int:
+        if self.family is not None:
+            return self.family.num_image_tokens
         return (self.image_size // self.vq.config.downsample_factor) ** 2
 
 
@@ -99,7 +104,12 @@ def load_encoders(args: argparse.Namespace, device: torch.device, dtype: torch.d
 
     spec = get_spec(args.model)
     gpt_path = resolve_path(spec, "model", args.model_path)
-    if gpt_path.exists():
+    if spec.family == "chameleon":  # VQGAN + vocabulary layout only (no 7 B weights needed to encode images)
+        from models.families.chameleon_data import skeleton_family
+
+        family = skeleton_family(spec, args.model_path, args.vq_path, args.image_size, device)
+        enc = Encoders(family.vq, "chameleon", family.image_size, family=family)
+    elif gpt_path.exists():
         family = load_family(args.model, device, dtype, args.model_path, args.vq_path, args.t5_path, args.image_size)
         cfg = family.target.config
         size = args.image_size or cfg.grid_size * family.vq.config.downsample_factor
@@ -143,10 +153,18 @@ def center_crop_arr(image, image_size: int):
     return arr[top : top + image_size, left : left + image_size]
 
 
-def load_image(path: Path, image_size: int) -> torch.Tensor:
-    """Image file -> (3, S, S) float32 in [-1, 1] (grey and RGBA images become RGB)."""
+def load_image(path: Path, image_size: int, chameleon: bool = False) -> torch.Tensor:
+    """Image file -> (3, S, S) float32 in [-1, 1] (grey and RGBA images become RGB).
+
+    ``chameleon``: Chameleon's own preprocessing (transparency on white, Lanczos resize, centre crop).
+    """
     from PIL import Image
 
+    if chameleon:
+        from models.base_models.chameleon.vqgan import preprocess_image
+
+        with Image.open(path) as im:
+            return preprocess_image(im, image_size)
     with Image.open(path) as im:
         arr = center_crop_arr(im.convert("RGB"), image_size)
     return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1.0
@@ -166,8 +184,8 @@ def list_samples(data_path: Path) -> tuple[list[Path], list[str]]:
 class ImageCaptionFolder(torch.utils.data.Dataset):
     """(sample_id, path) pairs -> dicts with the image tensor (None if unreadable) and the caption text."""
 
-    def __init__(self, items: list[tuple[int, Path]], image_size: int):
-        self.items, self.image_size = items, image_size
+    def __init__(self, items: list[tuple[int, Path]], image_size: int, chameleon: bool = False):
+        self.items, self.image_size, self.chameleon = items, image_size, chameleon
 
     def __len__(self) -> int:
         return len(self.items)
@@ -179,7 +197,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         out = {"sample_id": sid, "name": path.name, "image": None, "text": None, "error": None}
         try:
             out["text"] = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
-            out["image"] = load_image(path, self.image_size)
+            out["image"] = load_image(path, self.image_size, self.chameleon)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             out["error"] = f"{type(e).__name__}: {e}"
         return out
@@ -228,7 +246,8 @@ def run_extract_code(args: argparse.Namespace) -> dict:
         print(f"resuming: {len(done)} samples already in {out}")
 
     writer = ShardWriter(out, CODES_PREFIX, ctx.rank, args.shard_size, settings)
-    loader = torch.utils.data.DataLoader(ImageCaptionFolder(todo, enc.image_size), batch_size=args.batch_size,
+    loader = torch.utils.data.DataLoader(ImageCaptionFolder(todo, enc.image_size, enc.family is not None),
+                                         batch_size=args.batch_size,
                                          num_workers=args.num_workers, collate_fn=_collate)
     skipped: list[tuple[str, str]] = []
     bar = tqdm(total=len(todo), desc=f"extract_code r{ctx.rank}", unit="img", disable=not ctx.is_main)
@@ -236,7 +255,7 @@ def run_extract_code(args: argparse.Namespace) -> dict:
         for batch in loader:
             good = []
             for item in batch:
-                if item["error"] is None and enc.model_type == "t2i" and not item["text"]:
+                if item["error"] is None and enc.model_type in ("t2i", "chameleon") and not item["text"]:
                     item["error"] = "empty caption"
                 if item["error"] is None and enc.model_type == "c2i":
                     try:
@@ -271,7 +290,9 @@ def _encode(enc: Encoders, items: list[dict], device: torch.device) -> tuple[dic
     tensors = {"tokens": enc.vq.encode_to_codes(pixels).long().cpu(),
                "sample_id": torch.tensor([it["sample_id"] for it in items], dtype=torch.long)}
     texts = [it["text"] for it in items]
-    if enc.model_type == "c2i":
+    if enc.family is not None:  # Chameleon: VQ indices -> token ids (Lumina: with newline / end tokens)
+        tensors["tokens"] = enc.family.codes_to_tokens(tensors["tokens"]).long()
+    elif enc.model_type == "c2i":
         tensors["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
     else:
         embs, masks = enc.text_encoder.get_text_embeddings(texts)  # right-padded, as T5 returns them

@@ -108,7 +108,14 @@ def table_from_vq(spec: ModelSpec, args: argparse.Namespace, device: torch.devic
     from models.base_models.llamagen.loading import load_llamagen_vq
 
     vq_path = resolve_path(spec, "vq", args.vq_path)
-    vq = load_llamagen_vq(vq_path)  # on CPU: only the (N, D) rows go to the device
+    if spec.family == "chameleon":  # Chameleon VQGAN (8192 x 256, raw rows); the table stays in VQ indices
+        from models.base_models.chameleon.vqgan import load_chameleon_vqgan
+
+        vq = load_chameleon_vqgan(vq_path)
+        l2_norm = False
+    else:
+        vq = load_llamagen_vq(vq_path)  # on CPU: only the (N, D) rows go to the device
+        l2_norm = bool(vq.config.codebook_l2_norm)
     # Raw rows: build_neighbour_table normalises them itself for --metric cosine.
     codebook = vq.quantize.embedding.weight.detach().to(device)
     n_codes, dim = codebook.shape
@@ -122,7 +129,9 @@ def table_from_vq(spec: ModelSpec, args: argparse.Namespace, device: torch.devic
         "top_k": top_k,
         "codebook_size": n_codes,
         "codebook_dim": dim,
-        "quantiser_l2_norm": bool(vq.config.codebook_l2_norm),
+        "quantiser_l2_norm": l2_norm,
+        # Chameleon: rows/values are VQ indices; the engine converts them to token ids (index + 4 for Anole)
+        "index_space": "vq",
     }
     return table, meta
 

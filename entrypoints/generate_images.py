@@ -53,7 +53,7 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--vq_path", default=None, help="VQ tokenizer checkpoint; default: the ckpts/ layout")
     g.add_argument("--t5_path", default=None, help="local FLAN-T5 folder for LlamaGen T2I")
     g.add_argument("--drafter_path", default=None, help="EAGLE drafter folder (config.json + weights)")
-    g.add_argument("--image_size", type=int, default=None, help="image size for LlamaGen C2I .pt checkpoints (256/384)")
+    g.add_argument("--image_size", type=int, default=None, help="image size: LlamaGen C2I .pt checkpoints (256/384); Anole / Lumina-mGPT (default 512 / 768)")
     add_device_args(g)
 
     g = p.add_argument_group("prompts and outputs")
@@ -96,9 +96,12 @@ def parse_args() -> argparse.ArgumentParser:
                    help="static tree: a named choice list (mc_sim_7b_63, naive_extend_57, chain_<n>) or a JSON list of "
                    "paths (default mc_sim_7b_63)")
     g.add_argument("--eagle_version", type=int, default=2, choices=[1, 2], help="1 = static tree, 2 = dynamic tree")
-    g.add_argument("--cfg_mode", default="sequential", choices=["sequential", "parallel"], help="Lumina-mGPT CFG layout")
+    g.add_argument("--cfg_mode", default="parallel", choices=["sequential", "parallel"],
+                   help="Chameleon (Anole / Lumina-mGPT) CFG layout: one padded batch (parallel) or two caches "
+                   "(sequential, as the original)")
     g.add_argument("--top_k_draft", type=int, default=10, help="dynamic tree: children per expanded node")
-    g.add_argument("--depth", type=int, default=4, help="dynamic tree: draft depth")
+    g.add_argument("--depth", type=int, default=None, help="dynamic tree: draft depth (default: the model's; "
+                   "4, Lumina-mGPT 5, as the original)")
     g.add_argument("--total_token", type=int, default=59, help="dynamic tree: nodes kept per tree (incl. the root)")
     g.add_argument("--drafter_top_k", type=int, default=None, help="restrict the drafter's distribution to its top-k")
     g.add_argument("--codebook_path", default=None, help="neighbour table for --lantern (generate_codebook output)")
@@ -168,6 +171,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             if getattr(args, key) in (None, False):
                 setattr(args, key, value)
     args.tree_choices = args.tree_choices or "mc_sim_7b_63"
+    args.depth = MODELS[args.model].depth if args.depth is None else args.depth
     if args.lantern_tvd is not None and args.lantern_lambda is not None:
         raise UserError("give either --lantern_tvd (LANTERN) or --lantern_lambda (LANTERN++), not both")
     if args.lantern_tvd is not None or args.lantern_lambda is not None:
@@ -200,7 +204,8 @@ def run_generate_image(args: argparse.Namespace) -> dict:
                              args.slice)
     items = all_items[ctx.rank :: ctx.world]  # round-robin over processes; indices stay global
 
-    family = load_family(args.model, device, dtype, args.model_path, args.vq_path, args.t5_path, args.image_size)
+    family = load_family(args.model, device, dtype, args.model_path, args.vq_path, args.t5_path, args.image_size,
+                         cfg_mode=args.cfg_mode)
     sampling, cfg_scale = _sampling(args, family.defaults)
     decoder = None
     if args.model_type in ("eagle", "sjd"):
@@ -301,6 +306,9 @@ def _print_summary(stats: dict, items: list[tuple[int, str]]) -> None:
     tps = np.mean([r["tokens_per_second"] for r in rows])
     tau = np.mean([r["step_compression"] for r in rows])
     print(f"{len(rows)} images | mean latency {lat:.3f} s | {tps:.1f} tokens/s | mean step compression (tau) {tau:.2f}")
+    tau_img = [r["step_compression_image"] for r in rows if "step_compression_image" in r]
+    if tau_img and abs(float(np.mean(tau_img)) - tau) > 1e-9:  # forced tokens (Lumina's newlines) excluded
+        print(f"tau over image tokens only: {np.mean(tau_img):.2f}")
     if "acceptance_by_depth" in rows[0]:
         width = max(len(r["acceptance_by_depth"]) for r in rows)
         cols = [[r["acceptance_by_depth"][d] for r in rows if d < len(r["acceptance_by_depth"])] for d in range(width)]

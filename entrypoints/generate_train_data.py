@@ -53,6 +53,9 @@ def parse_args() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--shard_size", type=int, default=256, help="samples per shard file")
     p.add_argument("--no_uncond", action="store_true", help="store the conditional stream only")
+    p.add_argument("--vq_path", default=None, help="Chameleon: the tokenizer folder (text tokenizer); default: ckpts/")
+    p.add_argument("--prefix_len", type=int, default=128,
+                   help="Chameleon: prompt-token prefix length T (prompts are left-padded to it)")
     add_device_args(p)
     return p
 
@@ -87,9 +90,13 @@ def target_hidden_states(
 
 
 def code_batches(
-    data_path: Path, manifest: dict, wanted: set[int], batch_size: int, keys: list[str]
+    data_path: Path, manifest: dict, wanted: set[int], batch_size: int, keys: list[str], lists: tuple[str, ...] = ()
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Rows of the code shards whose sample id is in ``wanted``, in batches of ``batch_size`` (shard by shard)."""
+    """Rows of the code shards whose sample id is in ``wanted``, in batches of ``batch_size`` (shard by shard).
+
+    ``lists`` names per-sample metadata lists (e.g. ``prompts``) to carry along with the tensors.
+    """
+    keys = [*keys, *lists]
     pending: list[dict[str, torch.Tensor]] = []
     count = 0
     for entry in manifest["shards"]:
@@ -98,20 +105,25 @@ def code_batches(
         rows = [r for r, i in enumerate(ids) if i in wanted]
         if not rows:
             continue
-        tensors, _ = read_shard(path, keys)
+        tensors, meta = read_shard(path, [k for k in keys if k not in lists])
+        tensors.update({k: meta[k] for k in lists if k in meta})
         missing = [k for k in keys if k not in tensors]
         if missing:
-            raise ValueError(f"{path} has no {missing} tensor(s)")
+            raise ValueError(f"{path} has no {missing} tensor(s) / metadata")
         sel = torch.tensor(rows)
-        pending.append({k: v[sel] for k, v in tensors.items()})
+        pending.append({k: ([v[r] for r in rows] if k in lists else v[sel]) for k, v in tensors.items()})
         count += len(rows)
         while count >= batch_size:
-            merged = {k: torch.cat([p[k] for p in pending]) for k in keys}
+            merged = {k: _cat([p[k] for p in pending]) for k in keys}
             yield {k: v[:batch_size] for k, v in merged.items()}
             count -= batch_size
             pending = [{k: v[batch_size:] for k, v in merged.items()}] if count else []
     if count:
-        yield {k: torch.cat([p[k] for p in pending]) for k in keys}
+        yield {k: _cat([p[k] for p in pending]) for k in keys}
+
+
+def _cat(parts: list) -> torch.Tensor | list:
+    return sum(parts, []) if isinstance(parts[0], list) else torch.cat(parts)
 
 
 def run_generate_train_data(args: argparse.Namespace) -> dict:
@@ -134,14 +146,28 @@ def run_generate_train_data(args: argparse.Namespace) -> dict:
 
     all_ids = sorted(i for e in codes["shards"] for i in shard_sample_ids(data_path / e["file"]).tolist())
     selected = all_ids[: args.num_samples] if args.num_samples is not None else all_ids
-    model_path = resolve_path(get_spec(args.model), "model", args.model_path)
-    target = load_llamagen_gpt(model_path, device, dtype, block_size=n_tokens)
+    spec = get_spec(args.model)
+    model_path = resolve_path(spec, "model", args.model_path)
+    family = None
+    if spec.family == "chameleon":  # token prefixes: the family builds them (tokenizer), the target runs them
+        from models.registry import load_family
+
+        family = load_family(args.model, device, dtype, args.model_path, args.vq_path,
+                             image_size=codes.get("image_size"))
+        target = family.target
+        if family.num_image_tokens != n_tokens:
+            raise UserError(f"{data_path} holds {n_tokens} tokens per image, {args.model} at "
+                            f"{family.image_size} px makes {family.num_image_tokens}")
+    else:
+        target = load_llamagen_gpt(model_path, device, dtype, block_size=n_tokens)
     cfg = target.config
     if cfg.model_type != model_type:
         raise UserError(f"{data_path} holds {model_type} codes but {model_path} is a {cfg.model_type} model")
     streams = ["cond"] if args.no_uncond else ["cond", "uncond"]
-    settings = {"model": args.model, "model_type": model_type, "prefix_len": cfg.cls_token_num,
-                "num_image_tokens": n_tokens, "hidden_size": cfg.dim, "streams": streams}
+    prefix_len = args.prefix_len if family is not None else cfg.cls_token_num
+    hidden_size = cfg.hidden_size if family is not None else cfg.dim
+    settings = {"model": args.model, "model_type": model_type, "prefix_len": prefix_len,
+                "num_image_tokens": n_tokens, "hidden_size": hidden_size, "streams": streams}
     header = {"format": DRAFTER_FORMAT, **settings, "vocab_size": cfg.vocab_size, "dtype": "float16",
               "model_path": str(model_path), "codes": str(args.data_path), "num_processes": ctx.world}
     check_resume_settings(out, HIDDEN_PREFIX, settings)
@@ -150,12 +176,23 @@ def run_generate_train_data(args: argparse.Namespace) -> dict:
     if done and ctx.is_main:
         print(f"resuming: {len(done & set(selected))} of {len(selected)} samples already in {out}")
 
-    cond_keys = ["labels"] if model_type == "c2i" else ["caption_embs", "emb_masks"]
+    cond_keys = {"c2i": ["labels"], "chameleon": []}.get(model_type, ["caption_embs", "emb_masks"])
+    lists = ("prompts",) if family is not None else ()
     writer = ShardWriter(out, HIDDEN_PREFIX, ctx.rank, args.shard_size, settings)
     bar = tqdm(total=len(todo), desc=f"generate_train_data r{ctx.rank}", unit="sample", disable=not ctx.is_main)
     try:
-        for batch in code_batches(data_path, codes, todo, args.batch_size, ["tokens", "sample_id", *cond_keys]):
+        for batch in code_batches(data_path, codes, todo, args.batch_size, ["tokens", "sample_id", *cond_keys], lists):
             tokens = batch["tokens"].to(device)
+            if family is not None:  # Chameleon: prompt token prefixes, left-padded to --prefix_len
+                from models.families.chameleon_data import chameleon_hidden_states
+
+                res = chameleon_hidden_states(family, batch["prompts"], tokens, prefix_len, not args.no_uncond)
+                tensors = {k: (v.to(torch.float16).cpu() if k.startswith("hidden") else
+                               v.to(torch.uint8) if "valid" in k else v) for k, v in res.items()}
+                tensors.update(tokens=batch["tokens"], sample_id=batch["sample_id"])
+                writer.add(tensors)
+                bar.update(len(tokens))
+                continue
             if model_type == "c2i":
                 cond = batch["labels"].to(device)
                 valid = torch.ones(len(tokens), cfg.cls_token_num, dtype=torch.bool, device=device)

@@ -55,7 +55,8 @@ def parse_args() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="demo", choices=list(MODELS), help="model family / checkpoint set")
     g.add_argument("--model_path", default=None, help="target checkpoint (file or folder); default: the ckpts/ layout")
-    g.add_argument("--vq_path", default=None, help="VQ tokenizer checkpoint; default: the ckpts/ layout")
+    g.add_argument("--vq_path", default=None,
+                   help="VQ tokenizer checkpoint (Chameleon: the tokenizer folder); default: the ckpts/ layout")
     g.add_argument("--t5_path", default=None, help="FLAN-T5 folder or caption-feature cache (.safetensors), T2I only")
     g.add_argument("--image_size", type=int, default=None, help="image size for LlamaGen C2I .pt checkpoints (256/384)")
     add_device_args(g)
@@ -169,6 +170,7 @@ def run_self_distill(args: argparse.Namespace) -> dict:
                 "cfg": cfg_scale, "temperature": sampling.temperature, "top_k": sampling.top_k,
                 "top_p": sampling.top_p, "random_seed": args.random_seed}
     header = {"format": CODES_FORMAT, **settings, "source": "self_distill", "model_path": args.model_path,
+              "image_size": getattr(family, "image_size", None),
               "prompt": args.prompt, "classes": args.classes, "num_processes": ctx.world}
     check_resume_settings(out, CODES_PREFIX, settings)
     done_prompts = finished_metadata(out, CODES_PREFIX, "prompts")
@@ -194,6 +196,8 @@ def run_self_distill(args: argparse.Namespace) -> dict:
                 valid = torch.ones(len(chunk), cfg.cls_token_num, dtype=torch.bool, device=device)
                 prefix = family.prefix_from_conditions(labels, valid, cfg_scale)
                 tensors["labels"] = labels.cpu()
+            elif cfg.model_type == "chameleon":  # the prompt's own token prefix (Anole / Lumina-mGPT)
+                prefix = family.build_prefix(prompts, cfg_scale)
             else:
                 embs, masks = family.text_encoder.get_text_embeddings(prompts)
                 embs16, masks8 = embs.to(torch.float16), masks.to(torch.uint8)

@@ -49,6 +49,7 @@ from models.generation import (
     sample_per_prompt,
 )
 from models.sampling import SamplingConfig, cfg_combine, target_probs
+from models.token_masks import apply_allowed_tokens, forced_positions
 
 
 @dataclass(frozen=True)
@@ -119,15 +120,16 @@ class SpeculativeDecoder:
                 raise ValueError(f"--drafter_top_k must be >= the widest node of the tree ({widest})")
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _combine(self, logits: torch.Tensor) -> torch.Tensor:
-        """Raw (rows, ..., V) -> CFG-combined float logits with the family's vocabulary restriction."""
-        out = cfg_combine(logits.float(), self.cfg_scale)
-        if self.allowed_tokens is not None:
-            out = out.masked_fill(~self.allowed_tokens, float("-inf"))
-        return out
+    def _combine(self, logits: torch.Tensor, index=None) -> torch.Tensor:
+        """Raw (rows, ..., V) -> CFG-combined float logits with the family's token restriction.
 
-    def _draft_logits(self, feats: torch.Tensor) -> torch.Tensor:
-        return self._combine(self.target.lm_head(feats.to(self.target.lm_head.weight.dtype)))
+        ``index``: image-token index each logit row predicts (needed by per-position masks, e.g. Lumina's
+        forced newline/end tokens; the same mask for drafter and verifier makes a forced position a point mass).
+        """
+        return apply_allowed_tokens(cfg_combine(logits.float(), self.cfg_scale), self.allowed_tokens, index)
+
+    def _draft_logits(self, feats: torch.Tensor, index=None) -> torch.Tensor:
+        return self._combine(self.target.lm_head(feats.to(self.target.lm_head.weight.dtype)), index)
 
     def _draft_q(self, logits: torch.Tensor) -> torch.Tensor:
         """Drafter distribution Q for sampled (static) drafts: the target's sampler settings, optional top-k."""
@@ -150,7 +152,8 @@ class SpeculativeDecoder:
         cfg, dev = self.tree_cfg, h_root.device
         k, batch, rows = cfg.top_k_draft, roots.shape[0], h_root.shape[0]
         streams = rows // batch
-        logp = torch.log_softmax(self._draft_logits(h_root[:, -1]), dim=-1)  # (B, V)
+        base = pos_rows[:batch] - self._prefix_len + 1  # (B,) image-token index of each root's children
+        logp = torch.log_softmax(self._draft_logits(h_root[:, -1], base), dim=-1)  # (B, V)
         top = torch.topk(logp, k, dim=-1)
         tokens, parents, scores = [top.indices], [torch.full((batch, k), -1, device=dev)], [top.values]
         front_idx = torch.arange(k, device=dev).expand(batch, -1)  # candidate indices of the frontier
@@ -175,7 +178,7 @@ class SpeculativeDecoder:
             slots = torch.arange(slot0 + fed, slot0 + fed + k, device=dev)
             rope = (pos_rows - 1 + d)[:, None].expand(-1, k)
             out = self._run_drafter(front_feat, front_tok.repeat(streams, 1), rope, dcache, slots, mask)  # (rows, k, H)
-            logp = torch.log_softmax(self._draft_logits(out), dim=-1)  # (B, k, V)
+            logp = torch.log_softmax(self._draft_logits(out, base[:, None] + d), dim=-1)  # (B, k, V)
             child = torch.topk(logp, k, dim=-1)  # (B, k, k)
             cum = (front_score[:, :, None] + child.values).flatten(1)
             child_tok = child.indices.flatten(1)
@@ -205,6 +208,7 @@ class SpeculativeDecoder:
         node_out[:, 0] = h_root[:, -1]
         offsets = tmpl.depth_offsets.tolist()
         widest = int(tmpl.num_children.max())
+        base = pos_rows[:batch] - self._prefix_len + 1  # (B,) image-token index of each root's children
         if not self.sampling.greedy:  # each prompt draws this round's uniforms from its own stream, in one call
             u = torch.stack([torch.rand(offsets[tmpl.max_depth], vocab, generator=prompt_generator(generators, b),
                                         device=dev) for b in range(batch)])
@@ -219,7 +223,7 @@ class SpeculativeDecoder:
                 out = self._run_drafter(node_out[:, tmpl.parents[idx]], tokens[:, idx].repeat(streams, 1), rope,
                                         dcache, slot0 + idx - 1, mask)
                 node_out[:, lo:hi] = out
-            q[:, lo:hi] = self._draft_q(self._draft_logits(node_out[:, lo:hi]))
+            q[:, lo:hi] = self._draft_q(self._draft_logits(node_out[:, lo:hi], base[:, None] + d))
             if self.sampling.greedy:  # greedy verification only needs the likeliest drafts
                 draws = torch.topk(q[:, lo:hi], widest, dim=-1).indices
             else:
@@ -259,19 +263,25 @@ class SpeculativeDecoder:
             self.proposer.reset()
         keys = key_validity(prefix, max_len)  # (rows, max_len) prefix validity; generated slots True
 
+        self._prefix_len = t
+        forced = forced_positions(self.allowed_tokens, n_tok, dev)
         hidden = prefill(target, prefix, tcache)
-        roots = sample_per_prompt(self._combine(target.lm_head(hidden[:, -1])), self.sampling, generator)  # (B,)
+        roots = sample_per_prompt(self._combine(target.lm_head(hidden[:, -1]), 0), self.sampling, generator)  # (B,)
         active = list(range(batch)) if n_tok > 1 else []  # original prompt index of every prompt still running
         outs = [[roots[b : b + 1]] for b in range(batch)]
         n_out = [1] * batch
         lengths = torch.full((batch,), t, dtype=torch.long, device=dev)  # committed target length = root position
-        # drafter inputs: features at positions [dlen, dlen + pend_len) with the token of the following position;
-        # condition positions carry token id 0, as in LANTERN's training data
+        # drafter inputs (per row): features at positions [dlen, dlen + pend_len) with the token of the following
+        # position; condition positions carry token id 0, as in LANTERN's training data
         pend_feat = hidden
-        pend_ids = torch.cat([torch.zeros(batch, t - 1, dtype=torch.long, device=dev), roots[:, None]], dim=1)
+        if prefix.token_ids is not None:  # token prefixes (Chameleon): f_t is paired with the real x_{t+1}
+            pend_ids = torch.cat([prefix.token_ids[:, 1:], roots.repeat(streams)[:, None]], dim=1)
+        else:
+            pend_ids = torch.cat([torch.zeros(batch, t - 1, dtype=torch.long, device=dev),
+                                  roots[:, None]], dim=1).repeat(streams, 1)
         pend_len = torch.full((batch,), t, dtype=torch.long, device=dev)
         dlen = torch.zeros(batch, dtype=torch.long, device=dev)
-        per = [{"accept_lengths": [], "attempted": [], "accepted": []} for _ in range(batch)]
+        per = [{"accept_lengths": [], "attempted": [], "accepted": [], "image_counts": []} for _ in range(batch)]
         forwards = 1
         greedy = self.sampling.greedy
         build = self._static_tree if self.template is not None else self._dynamic_tree
@@ -293,7 +303,7 @@ class SpeculativeDecoder:
                 kv = int(pos.max()) + 1
                 slot = torch.arange(kv, device=dev)
                 dmask = (keys[:, None, :kv] & (slot <= pos[:, :, None])) | (slot == pos[:, :, None])
-                h_d = self._run_drafter(pend_feat, pend_ids.repeat(streams, 1), pos, dcache, pos, dmask[:, None])
+                h_d = self._run_drafter(pend_feat, pend_ids, pos, dcache, pos, dmask[:, None])
                 last = (pend_len - 1).repeat(streams)
                 h_root = h_d[torch.arange(rows, device=dev), last][:, None]  # (rows, 1, H)
                 dlen = lengths.clone()
@@ -309,7 +319,8 @@ class SpeculativeDecoder:
             h_t = target.forward_hidden(emb, pos_rows[:, None] + dep.repeat(streams, 1), tcache, slots,
                                         additive_mask(mask, emb.dtype))
             forwards += 1
-            probs = target_probs(self._combine(target.lm_head(h_t)), self.sampling)  # (B, n, V)
+            index = (pos_rows[: len(trees)] - t + 1)[:, None] + dep  # (B, n) image-token index of every node
+            probs = target_probs(self._combine(target.lm_head(h_t), index), self.sampling)  # (B, n, V)
             # 4. verify every prompt's tree with its own random stream
             verify = self.proposer.verify if self.proposer is not None else verify_tree
             results = [verify(tr, probs[i, : tr.num_nodes], self.accept, self.neighbours, greedy,
@@ -326,6 +337,7 @@ class SpeculativeDecoder:
             for b, tr, res in zip(active, trees, results):
                 new = torch.cat([tr.tokens[res.path[1:]], res.next_token.view(1)])
                 outs[b].append(new)
+                per[b]["image_counts"].append(int((~forced[n_out[b] : n_out[b] + new.numel()]).sum()))
                 n_out[b] += new.numel()
                 new_ids.append(_pad_last(new, a_max))
                 st = per[b]
@@ -333,7 +345,7 @@ class SpeculativeDecoder:
                 st["attempted"].append(res.attempted_per_depth)
                 st["accepted"].append(res.accepted_per_depth)
             pend_feat = h_t[torch.arange(rows, device=dev)[:, None], path.repeat(streams, 1)]
-            pend_ids = torch.stack(new_ids)
+            pend_ids = torch.stack(new_ids).repeat(streams, 1)
             pend_len = torch.tensor([res.accept_len + 1 for res in results], device=dev)
             lengths = lengths + pend_len
             # finished prompts drop out: their rows leave the caches and every per-row tensor
@@ -345,7 +357,7 @@ class SpeculativeDecoder:
                     if cache is not None:
                         cache.select_batch(krows)
                 keys, pend_feat = keys[krows], pend_feat[krows]
-                pend_ids, pend_len, lengths, dlen = pend_ids[kb], pend_len[kb], lengths[kb], dlen[kb]
+                pend_ids, pend_len, lengths, dlen = pend_ids[krows], pend_len[kb], lengths[kb], dlen[kb]
                 active = [active[i] for i in keep]
         tokens = torch.stack([torch.cat(o)[:n_tok] for o in outs])
         if tokens.is_cuda:
@@ -358,6 +370,8 @@ class SpeculativeDecoder:
                                              [a for st in per for a in st["attempted"]]),
             "accept_lengths": [a for p in per_prompt for a in p["accept_lengths"]],
             "per_prompt": per_prompt,
+            # free (forced) tokens such as Lumina's newlines excluded: image tokens per target forward
+            "step_compression_image": sum(p["step_compression_image"] for p in per_prompt) / batch,
         }
         return tokens, GenerationStats(latency, n_tok * batch, forwards, extra)
 
@@ -400,7 +414,9 @@ def _prompt_stats(st: dict) -> dict:
     taus = [a + 1 for a in st["accept_lengths"]]
     return {"step_compression": float(sum(taus) / len(taus)) if taus else 1.0,
             "acceptance_by_depth": _by_depth(st["accepted"], st["attempted"]),
-            "accept_lengths": st["accept_lengths"], "target_forwards": 1 + len(taus)}
+            "accept_lengths": st["accept_lengths"], "target_forwards": 1 + len(taus),
+            "step_compression_image": (float(sum(st["image_counts"]) / len(st["image_counts"]))
+                                       if st["image_counts"] else 1.0)}
 
 
 def _add_padded(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -433,6 +449,8 @@ def accept_from_args(args, spec, device, family=None) -> tuple[AcceptConfig, tor
     if accept.enabled:
         neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.k,
                                           num_codes=getattr(family, "num_codes", None)).to(device)
+        if hasattr(family, "neighbours_for_engine"):  # tables are in VQ indices; Chameleon's tokens are not
+            neighbours = family.neighbours_for_engine(neighbours)
     return accept, neighbours
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.sampling import SamplingConfig, cfg_combine, sample_from_probs, sample_token, target_probs
+from models.token_masks import apply_allowed_tokens
 
 # one generator shared by the batch, one per prompt, or None (torch's default generator)
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -31,6 +32,9 @@ class Prefix:
     embeddings: torch.Tensor  # (rows, T, dim)
     valid: torch.Tensor  # (rows, T) bool: False at padding positions (never attended to)
     cfg_scale: float = 1.0
+    # (rows, T) prefix token ids for token-prefix families (Chameleon): the drafter then reads the real next
+    # token at every prefix position; None = condition embeddings (LlamaGen), whose positions carry id 0
+    token_ids: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -136,7 +140,8 @@ def generate_ar(
     """Sample ``num_tokens`` image tokens for every prompt of the prefix -> (B, num_tokens), stats.
 
     One target forward per token after the prefill; the unconditional rows receive the same tokens as the
-    conditional ones. ``allowed_tokens`` (V,) bool restricts sampling to a family's image vocabulary.
+    conditional ones. ``allowed_tokens`` restricts sampling: a (V,) bool vocabulary mask or a per-position
+    :class:`~models.token_masks.PositionalTokenMask` (forced tokens are point masses).
     ``generator``: one shared generator or one per prompt (see :func:`sample_per_prompt`).
     ``uniforms`` (B, num_tokens) replaces ``generator`` by one random stream per sample (inverse-CDF draws), so
     a sample's tokens do not depend on the batch it runs in. ``on_step(i, logits, tokens)`` sees the CFG-combined
@@ -154,8 +159,7 @@ def generate_ar(
     forwards = 1
     for i in range(num_tokens):
         combined = cfg_combine(logits, prefix.cfg_scale)
-        if allowed_tokens is not None:
-            combined = combined.masked_fill(~allowed_tokens, float("-inf"))
+        combined = apply_allowed_tokens(combined, allowed_tokens, i)  # static or per-position mask
         if uniforms is not None:
             token = sample_token(combined, sampling, None, uniforms[:, i].to(combined.device))
         else:

@@ -28,6 +28,7 @@ class ModelSpec:
     image_size: int | None = None
     lantern: tuple[int, float] = (1000, 0.1)  # default (lantern_k, lantern_delta), the original's
     showcase: dict = field(default_factory=dict)  # generate_images flags of the bare command (demo only)
+    depth: int = 4  # default dynamic-tree depth (the original: 4; Lumina-mGPT 5)
 
     def default_path(self, key: str) -> Path | None:
         p = self.paths.get(key)
@@ -73,9 +74,22 @@ MODELS: dict[str, ModelSpec] = {
              "codebook": "ckpts/llamagen/vq_distances/neighbours_c2i.safetensors"},
             image_size=256,
         ),
-        ModelSpec("anole", "chameleon", "Anole-7B (Chameleon)", SamplerDefaults(cfg=3.0, top_k=2000), implemented=False),
-        ModelSpec("lumina_mgpt", "chameleon", "Lumina-mGPT-7B-768 (Chameleon)", SamplerDefaults(cfg=3.0, top_k=2000),
-                  implemented=False),
+        ModelSpec(
+            "anole", "chameleon", "Anole-7B (Chameleon, 512 px, 32x32 tokens)",
+            SamplerDefaults(cfg=3.0, temperature=1.0, top_k=2000, top_p=1.0),
+            {"model": "ckpts/anole/Anole-7b-v0.1-hf", "vq": "ckpts/anole/chameleon/tokenizer",
+             "drafter": "ckpts/anole/trained_drafters/anole_drafter",
+             "codebook": "ckpts/anole/vq_distances/neighbours.safetensors"},
+            image_size=512,
+        ),
+        ModelSpec(
+            "lumina_mgpt", "chameleon", "Lumina-mGPT-7B-768 (Chameleon, 768 px, 48 rows x (48 codes + newline))",
+            SamplerDefaults(cfg=3.0, temperature=1.0, top_k=2000, top_p=1.0),
+            {"model": "ckpts/lumina_mgpt/Lumina-mGPT-7B-768", "vq": "ckpts/lumina_mgpt/chameleon/tokenizer",
+             "drafter": "ckpts/lumina_mgpt/trained_drafters/lumina_mgpt_drafter",
+             "codebook": "ckpts/lumina_mgpt/vq_distances/neighbours.safetensors"},
+            image_size=768, depth=5,
+        ),
     ]
 }
 
@@ -88,7 +102,17 @@ CKPT_LAYOUT = """ckpts
     ├── vq_ds16_t2i.pt, vq_ds16_c2i.pt
     ├── t5/flan-t5-xl/         {config.json, *.safetensors, tokenizer files}
     ├── trained_drafters/llamagen_drafter/ {config.json, pytorch_model.bin | model.safetensors}
-    └── vq_distances/          neighbour tables from `python main.py generate_codebook`"""
+    └── vq_distances/          neighbour tables from `python main.py generate_codebook`
+├── anole/
+│   ├── Anole-7b-v0.1-hf/      {config.json, model.safetensors.index.json, model-0000i-of-0000n.safetensors, tokenizer.json}
+│   ├── chameleon/tokenizer/   {text_tokenizer.json, vqgan.yaml, vqgan.ckpt}
+│   ├── trained_drafters/anole_drafter/ {config.json, pytorch_model.bin | model.safetensors}
+│   └── vq_distances/neighbours.safetensors
+└── lumina_mgpt/
+    ├── Lumina-mGPT-7B-768/    {config.json, model.safetensors.index.json, model-0000i-of-0000n.safetensors}
+    ├── chameleon/tokenizer/   {text_tokenizer.json, vqgan.yaml, vqgan.ckpt}
+    ├── trained_drafters/lumina_mgpt_drafter/ {config.json, pytorch_model.bin | model.safetensors}
+    └── vq_distances/neighbours.safetensors"""
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -127,12 +151,19 @@ def load_family(
     vq_path: str | None = None,
     t5_path: str | None = None,
     image_size: int | None = None,
+    cfg_mode: str = "parallel",
 ) -> ImageFamily:
-    """Build the family adapter for ``name`` with its target, tokenizer and (T2I) text encoder loaded."""
+    """Build the family adapter for ``name`` with its target, tokenizer and (T2I) text encoder loaded.
+
+    ``vq_path`` is the VQ checkpoint (LlamaGen) or the Chameleon tokenizer folder (vqgan.yaml, vqgan.ckpt,
+    text_tokenizer.json); ``cfg_mode`` is the Chameleon CFG layout (parallel / sequential).
+    """
     from models.base_models.llamagen.loading import load_llamagen_gpt, load_llamagen_vq
     from models.families.llamagen import LlamaGenFamily
 
     spec = get_spec(name)
+    if spec.family == "chameleon":
+        return load_chameleon_family(spec, device, dtype, model_path, vq_path, image_size, cfg_mode)
     # fp16 convolutions are slow or missing on CPU and the VQ is small: decode in fp32 unless bf16 was asked.
     vq = load_llamagen_vq(resolve_path(spec, "vq", vq_path), device, torch.float32 if dtype == torch.float16 else dtype)
     size = image_size or spec.image_size
@@ -152,3 +183,26 @@ def load_family(
         text_encoder = load_text_encoder(resolve_path(spec, "t5", t5_path), device, dtype)
     class_parser = demo_class_parser() if name == "demo" else None
     return LlamaGenFamily(name, target, vq, spec.defaults, text_encoder, class_parser)
+
+
+def load_chameleon_family(spec: ModelSpec, device, dtype, model_path, vq_path, image_size, cfg_mode) -> ImageFamily:
+    """Anole / Lumina-mGPT: the Chameleon target (sharded safetensors, mmap), VQGAN and text tokenizer."""
+    from models.base_models.chameleon.loading import CHAMELEON_LAYOUT_HINT, load_chameleon_target
+    from models.base_models.chameleon.vqgan import load_chameleon_vqgan
+    from models.families.chameleon import ChameleonFamily, load_text_tokenizer
+
+    model_dir = resolve_path(spec, "model", model_path)
+    tok_dir = resolve_path(spec, "vq", vq_path)
+    if not (tok_dir / "vqgan.yaml").exists():
+        raise CheckpointError(f"Chameleon tokenizer folder {tok_dir} lacks vqgan.yaml (pass --vq_path)\n"
+                              f"Expected layout:\n{CHAMELEON_LAYOUT_HINT}")
+    target = load_chameleon_target(model_dir, device, dtype)
+    # fp16 convolutions are slow or missing on CPU: the VQGAN decodes in fp32 unless bf16 was asked
+    vq = load_chameleon_vqgan(tok_dir, device, torch.float32 if dtype == torch.float16 else dtype)
+    tokenizer = load_text_tokenizer(tok_dir, model_dir)
+    if tokenizer is None:
+        raise CheckpointError(f"no text tokenizer: expected {tok_dir / 'text_tokenizer.json'} or "
+                              f"{model_dir / 'tokenizer.json'}\nExpected layout:\n{CHAMELEON_LAYOUT_HINT}")
+    layout = "lumina" if spec.name == "lumina_mgpt" else "anole"
+    return ChameleonFamily(spec.name, layout, target, vq, tokenizer, spec.defaults, image_size or spec.image_size,
+                           cfg_mode)

@@ -44,6 +44,8 @@ JSON-encoded): ``settings`` (the producing run's settings, checked on resume) an
      ``tokens``        (n, N) int64       x_0 .. x_{N-1}
      ``prefix_valid``  (n, T) uint8       1 = real condition position (T2I is left-padded: padding first)
      ``sample_id``     (n,) int64
+     token-prefix families (Chameleon, see :mod:`models.families.chameleon_data`): ``prefix_ids`` (n, T) int64
+     and, with the uncond stream, ``prefix_ids_uncond`` (n, T) int64 / ``prefix_valid_uncond`` (n, T) uint8
    manifest: ``{"format": "lantern-drafter-data/1", "model", "model_type", "prefix_len": T,
    "num_image_tokens": N, "hidden_size": H, "vocab_size", "streams": ["cond", "uncond"] or ["cond"],
    "dtype": "float16", "model_path", "codes", "shards": [...], "num_samples"}``. :func:`read_data_info` validates
@@ -452,12 +454,17 @@ def read_data_info(folder: str | os.PathLike) -> DrafterDataInfo:
     return info
 
 
-def drafter_input_ids(tokens: torch.Tensor, prefix_len: int) -> torch.Tensor:
+def drafter_input_ids(tokens: torch.Tensor, prefix_len: int, prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Image tokens (..., N) -> drafter input ids (..., T+N-1): ``[0]*(T-1) + tokens[:N-1] + [0]``.
 
     Position p holds s_{p+1}, the token that follows the hidden state f_p; the last position has no
-    successor inside the sequence and is padded with 0 (it is never a training position).
+    successor inside the sequence and is padded with 0 (it is never a training position). With
+    ``prefix_ids`` (..., T) (token-prefix families, Chameleon) the condition positions hold the real next
+    prefix ids ``prefix_ids[1:]`` instead of 0.
     """
+    if prefix_ids is not None:
+        lead = prefix_ids[..., 1:].to(tokens.dtype)
+        return torch.cat([lead, tokens[..., :-1], tokens.new_zeros(*tokens.shape[:-1], 1)], dim=-1)
     lead = tokens.new_zeros(*tokens.shape[:-1], prefix_len - 1)
     tail = tokens.new_zeros(*tokens.shape[:-1], 1)
     return torch.cat([lead, tokens[..., :-1], tail], dim=-1)
@@ -555,11 +562,19 @@ class DrafterDataset(torch.utils.data.Dataset):
 
         uncond = bool(self._use_uncond[g])
         tokens = get("tokens").long()
+        # token-prefix data (Chameleon) carries each stream's own prefix ids and padding
+        names = f.keys()
+        own = "prefix_ids" in names
+
+        def stream(key: str, use_uncond: bool) -> str:
+            return f"{key}_uncond" if use_uncond and own else key
+
         item = {
             "hidden": get("hidden_uncond" if uncond else "hidden"),
-            "input_ids": drafter_input_ids(tokens, self.prefix_len),
+            "input_ids": drafter_input_ids(tokens, self.prefix_len,
+                                           get(stream("prefix_ids", uncond)).long() if own else None),
             "loss_mask": self.loss_mask.clone(),
-            "prefix_valid": get("prefix_valid").bool(),
+            "prefix_valid": get(stream("prefix_valid", uncond)).bool(),
             "tokens": tokens,
             "sample_id": get("sample_id"),
         }
@@ -567,4 +582,7 @@ class DrafterDataset(torch.utils.data.Dataset):
             item["uncond"] = torch.tensor(uncond)
         elif self.has_uncond:
             item["hidden_uncond"] = get("hidden_uncond")
+            if own:
+                item["input_ids_uncond"] = drafter_input_ids(tokens, self.prefix_len, get("prefix_ids_uncond").long())
+                item["prefix_valid_uncond"] = get("prefix_valid_uncond").bool()
         return item

@@ -125,9 +125,10 @@ def test_refuses_to_overwrite_without_flag(tmp_path, capsys):
     assert json.loads(out.with_name(out.name + ".json").read_text())["top_k"] == n - 1
 
 
-def test_chameleon_models_report_not_implemented(tmp_path, capsys):
-    err = expect_exit_2(capsys, "--model", "anole", "--save_path", str(tmp_path / "t.safetensors"))
-    assert "not implemented" in err
+def test_chameleon_models_name_the_missing_tokenizer_files(tmp_path, capsys):
+    err = expect_exit_2(capsys, "--model", "anole", "--vq_path", str(tmp_path / "tokenizer"),
+                        "--save_path", str(tmp_path / "t.safetensors"))
+    assert "vqgan.yaml" in err and "ckpts/anole/chameleon/tokenizer" in err
 
 
 def test_help_documents_top_k_and_metrics(capsys):

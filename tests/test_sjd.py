@@ -139,6 +139,9 @@ def test_grouped_mass_is_the_group_of_likely_neighbours():
     assert p_tilde == pytest.approx(0.5) and mask.tolist() == [True, True, False, False]
     p_tilde, mask = grouped_relaxed(p, torch.tensor(2), NEIGHBOURS, k=3, group=2)  # 3 and 1 join
     assert p_tilde == pytest.approx(0.9) and mask.tolist() == [False, True, True, True]
+    # an id past the table's rows has no neighbours: its group is itself
+    p_tilde, mask = grouped_relaxed(torch.tensor([0.1, 0.4, 0.2, 0.2, 0.1]), torch.tensor(4), NEIGHBOURS, 3, 2)
+    assert p_tilde == pytest.approx(0.1) and mask.tolist() == [False, False, False, False, True]
     with pytest.raises(ValueError, match="group"):
         GroupedAcceptConfig(k=2, group=0)
 

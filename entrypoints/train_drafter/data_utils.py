@@ -89,7 +89,8 @@ def make_drafter_batch(batch: dict[str, torch.Tensor], dtype: torch.dtype = torc
     length = t + n - 2
     return DrafterBatch(
         inputs=hidden[:, :-1],
-        input_ids=drafter_input_ids(tokens.long(), t)[:, :-1],
+        # the dataset's ids (real prefix ids for Chameleon data); else LlamaGen's layout from the tokens
+        input_ids=(batch["input_ids"] if "input_ids" in batch else drafter_input_ids(tokens.long(), t))[:, :-1],
         targets=hidden[:, 1:],
         attn_mask=prefix_attention_mask(keys_valid),
         rope_pos=torch.arange(length, device=hidden.device),

@@ -134,6 +134,10 @@ def load_target_parts(model: str, base_path: str | None, info: DrafterDataInfo):
 
     spec = get_spec(model)
     path = resolve_path(spec, "model", base_path)
+    if spec.family == "chameleon":  # read only the two (V, H) tables from the mmapped shards, not 7 B weights
+        from models.base_models.chameleon.loading import load_chameleon_head_and_embedding
+
+        return load_chameleon_head_and_embedding(path)
     # an original LlamaGen .pt stores no grid size: take it from the data, which the target produced
     block_size = info.num_image_tokens if path.is_file() else None
     target = load_llamagen_gpt(path, "cpu", torch.float32, block_size=block_size)
@@ -146,6 +150,12 @@ def load_target_parts(model: str, base_path: str | None, info: DrafterDataInfo):
 
 def default_drafter_config(target_cfg) -> DrafterConfig:
     """One Llama layer of the target's width (LANTERN's drafter = the target's config with 1 layer)."""
+    if target_cfg.model_type == "chameleon":  # LANTERN's Anole drafter: one Chameleon layer (qk-norm, 1-D RoPE)
+        return DrafterConfig(
+            hidden_size=target_cfg.hidden_size, intermediate_size=target_cfg.intermediate_size,
+            num_attention_heads=target_cfg.num_attention_heads, num_key_value_heads=target_cfg.num_key_value_heads,
+            vocab_size=target_cfg.vocab_size, num_hidden_layers=1, rms_norm_eps=target_cfg.rms_norm_eps,
+            rope_base=target_cfg.rope_theta, block_size=0, cls_token_num=0, family="chameleon")
     return DrafterConfig(
         hidden_size=target_cfg.dim, intermediate_size=target_cfg.ffn_hidden,
         num_attention_heads=target_cfg.n_head, num_key_value_heads=target_cfg.n_kv_head,
@@ -161,7 +171,9 @@ def read_drafter_config(path: str | Path, target_cfg) -> DrafterConfig:
     if not path.is_file():
         raise UserError(f"--config_path {path}: file not found (e.g. data/configs/llamagen_t2i_config.json)")
     raw = json.loads(path.read_text())
-    if "block_size" not in raw and raw.get("input_type") not in INPUT_TYPES:
+    if target_cfg.model_type == "chameleon" and raw.get("model_type") != "chameleon":
+        raw = {**raw, "family": "chameleon", "block_size": 0, "cls_token_num": 0}
+    if "block_size" not in raw and raw.get("input_type") not in INPUT_TYPES and raw.get("model_type") != "chameleon":
         raw = {**raw, "block_size": target_cfg.block_size, "cls_token_num": target_cfg.cls_token_num}
     return DrafterConfig.from_dict(raw)
 
@@ -169,15 +181,19 @@ def read_drafter_config(path: str | Path, target_cfg) -> DrafterConfig:
 def check_layout(cfg: DrafterConfig, target_cfg, info: DrafterDataInfo) -> None:
     """Drafter, target and data must agree on widths and on the sequence layout (RoPE rows depend on it)."""
     problems = []
-    if cfg.hidden_size != target_cfg.dim:
-        problems.append(f"drafter hidden_size {cfg.hidden_size} != target dim {target_cfg.dim}")
+    width = target_cfg.hidden_size if target_cfg.model_type == "chameleon" else target_cfg.dim
+    if (cfg.family == "chameleon") != (target_cfg.model_type == "chameleon"):
+        problems.append(f"drafter family {cfg.family!r} does not fit a {target_cfg.model_type} target")
+    if cfg.hidden_size != width:
+        problems.append(f"drafter hidden_size {cfg.hidden_size} != target dim {width}")
     if cfg.vocab_size != target_cfg.vocab_size:
         problems.append(f"drafter vocab_size {cfg.vocab_size} != target vocab {target_cfg.vocab_size}")
-    if info.hidden_size != target_cfg.dim:
-        problems.append(f"data hidden_size {info.hidden_size} != target dim {target_cfg.dim}")
+    if info.hidden_size != width:
+        problems.append(f"data hidden_size {info.hidden_size} != target dim {width}")
     if info.vocab_size is not None and info.vocab_size != target_cfg.vocab_size:
         problems.append(f"data vocab_size {info.vocab_size} != target vocab {target_cfg.vocab_size}")
-    if (cfg.cls_token_num, cfg.block_size) != (info.prefix_len, info.num_image_tokens):
+    # (a Chameleon drafter's 1-D RoPE does not depend on the layout)
+    if cfg.family != "chameleon" and (cfg.cls_token_num, cfg.block_size) != (info.prefix_len, info.num_image_tokens):
         problems.append(f"drafter layout (condition {cfg.cls_token_num}, image tokens {cfg.block_size}) != data's "
                         f"({info.prefix_len}, {info.num_image_tokens})")
     if problems:

@@ -133,7 +133,11 @@ def _relax_terms(
         zeros = torch.zeros_like(p_x)
         nb = torch.zeros(cand.shape + (0,), dtype=torch.long, device=cand.device)
         return p_x, zeros, torch.zeros_like(cand), nb, nb.bool()
-    nb = neighbours[:, :k].to(device=cand.device, dtype=torch.long)[cand]  # (..., k)
+    table = neighbours[:, :k].to(device=cand.device, dtype=torch.long)
+    # ids past the table's last row (e.g. junk top-k children of a forced position, whose logits are -inf
+    # outside the one allowed id) have no neighbours; the Chameleon tables only cover the candidate ids
+    inside = cand < table.shape[0]
+    nb = torch.where(inside.unsqueeze(-1), table[cand.clamp(max=table.shape[0] - 1)], -1)  # (..., k)
     valid = nb >= 0  # -1 pads a row with fewer neighbours (e.g. non-image tokens)
     nb_p = target_probs.gather(-1, nb.clamp(min=0)) * valid
     c = nb_p.cumsum(-1)  # c_m, non-decreasing

@@ -9,6 +9,11 @@ drafters (``embed_tokens``, ``fc``, ``layers.0.self_attn.q_proj`` ...), so ``pyt
 LlamaGen specifics: the decoder layer uses LlamaGen's 2-D RoPE on interleaved pairs. Drafter position t
 carries token x_{t+1}, so its RoPE row is the target's row t+1: the table has ``cls_token_num − 1`` leading
 zero rows (119 for T2I).
+
+Chameleon specifics (``family="chameleon"``, LANTERN's Anole/Lumina drafter, ``jadohu/anole_drafter``): every
+layer has ``input_layernorm``; q and k are layer-normed over head_dim and scaled/shifted by per-head
+``q_norm``/``k_norm`` ([num_heads, head_dim]) as in the Chameleon target, then rotated by 1-D rotate-half RoPE
+(``rope_theta``) at the sequence positions (RoPE is relative, so position t vs t+1 makes no difference).
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ class DrafterConfig:
     block_size: int = 256  # image tokens of the target (grid²)
     cls_token_num: int = 120  # condition positions of the target
     bias: bool = True  # fc bias (LANTERN builds Model(config, bias=True))
-    family: str = "llamagen"
+    family: str = "llamagen"  # "llamagen" (2-D RoPE Llama layer) or "chameleon" (qk-norm, rotate-half RoPE)
     input_type: str | None = None
+    qk_norm_rows: int | None = None  # chameleon: rows of q_norm/k_norm (heads; 1 in Lumina-layout weights)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -62,6 +68,11 @@ class DrafterConfig:
     def from_dict(cls, d: dict) -> DrafterConfig:
         """Our config.json, or LANTERN's (layout derived from ``input_type`` as its ``Model.__init__`` does)."""
         d = dict(d.get("config_json", d))
+        if d.get("model_type") == "chameleon":  # LANTERN's Anole/Lumina drafter config (a ChameleonConfig)
+            d.setdefault("family", "chameleon")
+            d.setdefault("rope_base", d.get("rope_theta", 10000.0))
+            d.setdefault("block_size", 0)
+            d.setdefault("cls_token_num", 0)
         if "block_size" not in d and d.get("input_type") in INPUT_TYPES:
             d["block_size"], d["cls_token_num"] = INPUT_TYPES[d["input_type"]]
         names = {f.name for f in fields(cls)}
@@ -89,6 +100,29 @@ class DrafterAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
+class ChameleonDrafterAttention(DrafterAttention):
+    """Chameleon attention: per-head qk-norm before rotate-half RoPE (freqs = (cos, sin) tables)."""
+
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__(cfg)
+        from models.base_models.chameleon.model import QKNorm
+
+        rows = cfg.qk_norm_rows or self.n_head
+        self.q_norm = QKNorm(rows, self.head_dim, self.n_head)
+        self.k_norm = QKNorm(self.n_kv if rows == self.n_head else rows, self.head_dim, self.n_kv)
+
+    def forward(self, x, freqs, mask, cache, layer, cache_pos, kv_len):
+        from models.base_models.chameleon.model import apply_rope
+
+        b, s, _ = x.shape
+        cos, sin = freqs
+        q = self.q_norm(self.q_proj(x).view(b, s, self.n_head, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, s, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, cache, layer, cache_pos, kv_len)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
 class DrafterMLP(nn.Module):
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
@@ -105,10 +139,11 @@ class DrafterLayer(nn.Module):
 
     def __init__(self, cfg: DrafterConfig, index: int):
         super().__init__()
-        if index != 0:
-            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DrafterAttention(cfg)
+        chameleon = cfg.family == "chameleon"
+        self.self_attn = ChameleonDrafterAttention(cfg) if chameleon else DrafterAttention(cfg)
         self.mlp = DrafterMLP(cfg)
+        if index != 0 or chameleon:  # LANTERN's Chameleon drafter keeps the input norm in layer 0 too
+            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, freqs, mask, cache, layer, cache_pos, kv_len):
@@ -128,6 +163,8 @@ class EagleDrafter(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DrafterLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
+        if cfg.family == "chameleon":
+            return  # 1-D RoPE computed from the positions at each call
         grid = int(round(cfg.block_size**0.5))
         freqs = precompute_freqs_cis_2d(grid, cfg.head_dim, cfg.rope_base, max(cfg.cls_token_num - 1, 0),
                                         self.ROPE_EXTRA_ROWS)
@@ -156,7 +193,15 @@ class EagleDrafter(nn.Module):
             rope_pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         h = self.fc(torch.cat([self.embed_tokens(input_ids).to(hidden_states.dtype), hidden_states], dim=-1))
         cache_pos, kv_len = cache_window(h.shape[1], rope_pos, cache, cache_pos, attn_mask)
-        freqs = self.freqs_cis[rope_pos]
+        if self.config.family == "chameleon":
+            from models.base_models.chameleon.model import rope_cos_sin
+
+            freqs = rope_cos_sin(rope_pos, self.config.head_dim, self.config.rope_base, h.dtype)
+            if attn_mask is not None and attn_mask.dtype == torch.bool:  # additive, in the activations' dtype
+                attn_mask = torch.zeros(attn_mask.shape, dtype=h.dtype, device=h.device).masked_fill(
+                    ~attn_mask, torch.finfo(h.dtype).min)
+        else:
+            freqs = self.freqs_cis[rope_pos]
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, attn_mask, cache, i, cache_pos, kv_len)
         return h
@@ -178,14 +223,16 @@ def check_drafter_matches_target(cfg: DrafterConfig, target_config, path) -> Non
     from models.checkpoints import CheckpointError
 
     problems = []
-    if cfg.hidden_size != target_config.dim:
-        problems.append(f"hidden_size {cfg.hidden_size} != the target's {target_config.dim}")
+    width = getattr(target_config, "dim", None) or getattr(target_config, "hidden_size", None)  # LlamaGen / Chameleon
+    if width is not None and cfg.hidden_size != width:
+        problems.append(f"hidden_size {cfg.hidden_size} != the target's {width}")
     if cfg.vocab_size != target_config.vocab_size:
         problems.append(f"vocab_size {cfg.vocab_size} != the target's {target_config.vocab_size}")
-    if cfg.block_size != target_config.block_size:
-        problems.append(f"image tokens (block_size) {cfg.block_size} != the target's {target_config.block_size}")
-    if cfg.cls_token_num != target_config.cls_token_num:
-        problems.append(f"condition length {cfg.cls_token_num} != the target's {target_config.cls_token_num}")
+    if hasattr(target_config, "block_size"):  # LlamaGen's fixed layout (Chameleon prefixes are token prompts)
+        if cfg.block_size != target_config.block_size:
+            problems.append(f"image tokens (block_size) {cfg.block_size} != the target's {target_config.block_size}")
+        if cfg.cls_token_num != target_config.cls_token_num:
+            problems.append(f"condition length {cfg.cls_token_num} != the target's {target_config.cls_token_num}")
     if problems:
         raise CheckpointError(f"drafter {path} was not trained for this target: {'; '.join(problems)} "
                               f"(pass the --drafter_path trained for this model)")
@@ -213,7 +260,8 @@ def load_drafter(path, device: torch.device | str = "cpu", dtype: torch.dtype = 
         raise CheckpointError(f"drafter not found at {path} (no config.json)\nExpected layout:\n{DRAFTER_LAYOUT_HINT}")
     raw = read_json(path / "config.json")
     require_fields(raw.get("config_json", raw), DRAFTER_FIELDS, path / "config.json", "EAGLE drafter")
-    if target_config is not None and "block_size" not in raw and raw.get("input_type") not in INPUT_TYPES:
+    if (target_config is not None and hasattr(target_config, "block_size") and "block_size" not in raw
+            and raw.get("input_type") not in INPUT_TYPES and raw.get("model_type") != "chameleon"):
         raw = {**raw, "block_size": target_config.block_size, "cls_token_num": target_config.cls_token_num}
     try:
         cfg = DrafterConfig.from_dict(raw)
@@ -222,6 +270,10 @@ def load_drafter(path, device: torch.device | str = "cpu", dtype: torch.dtype = 
     if target_config is not None:
         check_drafter_matches_target(cfg, target_config, path)
     sd = load_folder_weights(path)
+    qn = sd.get("layers.0.self_attn.q_norm.weight")
+    if cfg.family == "chameleon" and qn is not None and cfg.qk_norm_rows is None:
+        cfg.qk_norm_rows = int(qn.shape[0])  # per-head (Anole) or per-shard (Lumina layout) norm rows
+    model = EagleDrafter(cfg)
     # the LANTERN drafter shares the target's embedding; some files omit it
     if "embed_tokens.weight" not in sd and target_config is not None:
         raise CheckpointError(f"{path}: drafter weights lack embed_tokens.weight")

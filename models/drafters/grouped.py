@@ -49,7 +49,9 @@ def grouped_relaxed(
         ``(p̃(x) (...,), mask (..., V))`` with mask = C(x) (always contains x).
     """
     cand = cand.long()
-    nb = neighbours[:, :k].to(device=cand.device, dtype=torch.long)[cand]  # (..., k)
+    table = neighbours[:, :k].to(device=cand.device, dtype=torch.long)
+    inside = cand < table.shape[0]  # ids past the table (e.g. Chameleon's non-candidate ids) have no neighbours
+    nb = torch.where(inside.unsqueeze(-1), table[cand.clamp(max=table.shape[0] - 1)], -1)  # (..., k)
     valid = nb >= 0
     top = torch.topk(target_probs, min(group, target_probs.shape[-1]), dim=-1).indices  # (..., G)
     in_top = torch.zeros(target_probs.shape, dtype=torch.bool, device=target_probs.device).scatter(-1, top, True)
