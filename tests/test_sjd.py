@@ -182,17 +182,16 @@ def test_gsd_and_lantern_on_jacobi_drafts_accept_more():
     assert taus["lantern"] > taus["exact"] and taus["gsd"] > taus["exact"]
 
 
-class _EveryThirdForced:
+def _every_third_forced():
     """A position-dependent token mask (like Lumina's newlines): index i ≡ 2 (mod 3) allows only token 0."""
+    from models.token_masks import PositionalTokenMask
 
-    def mask_at(self, index):
-        mask = torch.ones(index.numel(), 4, dtype=torch.bool)
-        mask[index % 3 == 2, 1:] = False
-        return mask[None]
+    classes = torch.tensor([[True] * 4, [True, False, False, False]])
+    return PositionalTokenMask(classes, (torch.arange(20) % 3 == 2).long()[None])
 
 
 def test_new_window_positions_respect_position_dependent_masks():
-    prop = JacobiProposer(window=6, allowed_tokens=_EveryThirdForced())
+    prop = JacobiProposer(window=6, allowed_tokens=_every_third_forced())
     (tree,) = prop.propose([0], torch.tensor([3]), [1], [20], torch.Generator().manual_seed(0), 4)
     index = torch.arange(1, 7)  # the root is image token 0; window token j sits at index j
     forced = index % 3 == 2

@@ -130,14 +130,14 @@ class JacobiProposer:
 
     def _init_q(self, vocab: int, device, index: torch.Tensor, prompt: int) -> torch.Tensor:
         """Random initialisation of new window positions (image-token indices ``index`` (n,)): uniform over the
-        tokens the family allows there -> (n, V). A position-dependent mask (``mask_at``, e.g. Lumina's forced
+        tokens the family allows there -> (n, V). A position-dependent mask (e.g. Lumina's forced
         newlines) gives a point mass at a forced position, so its draft is always right."""
         allowed = self.allowed_tokens
         if allowed is None:
             return torch.full((index.numel(), vocab), 1.0 / vocab, device=device)
-        if hasattr(allowed, "mask_at"):  # per position (rows of one batch may differ)
-            rows = allowed.mask_at(index)
-            mask = rows[prompt if rows.shape[0] > 1 else 0]
+        if hasattr(allowed, "position_class"):  # per position (PositionalTokenMask; one row shared or per prompt)
+            pc = allowed.position_class
+            mask = allowed.classes[pc[prompt if pc.shape[0] > 1 else 0][index.clamp(0, pc.shape[-1] - 1)]]
         else:
             mask = allowed.expand(index.numel(), -1)
         mask = mask.to(device).float()
