@@ -326,7 +326,7 @@ class SpeculativeDecoder:
             for b, tr, res in zip(active, trees, results):
                 new = torch.cat([tr.tokens[res.path[1:]], res.next_token.view(1)])
                 outs[b].append(new)
-                per[b]["image_counts"].append(int((~forced[n_out[b] : n_out[b] + new.numel()]).sum()))
+                per[b]["image_counts"].append(new.numel() - int(forced[n_out[b] : n_out[b] + new.numel()].sum()))
                 n_out[b] += new.numel()
                 new_ids.append(_pad_last(new, a_max))
                 st = per[b]
