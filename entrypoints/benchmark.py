@@ -12,7 +12,9 @@ the speed-up column compares each setting with plain AR at the same batch size.
 
 Setting syntax: ``NAME[:key=value,...]`` with NAME in ar, eagle2 (dynamic tree, exact), eagle1 (static tree,
 exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta, lam, tree, top_k_draft, depth,
-total_token. Example: ``lantern:delta=0.2,k=20 lantern++:lam=5,tree=naive_extend_57``.
+total_token, budget (node, the default | sibling), residual (exact | original | original_lumina). Example:
+``lantern:delta=0.2,k=20 lantern:delta=0.2,budget=sibling lantern++:lam=5,tree=naive_extend_57``.
+The per-node TVD columns are the realised shift of the emitted tokens (``VerifyResult.node_tvd``).
 Drafter-free (Speculative Jacobi Decoding, same engine): sjd, mc-sjd (maximal coupling), gsd (grouped acceptance
 on SJD drafts; keys group, k, coupling=1 for MC-SJD drafts), sjd+lantern (δ), sjd+lantern++ (λ); key window
 (Jacobi window, default 16). Example: ``sjd mc-sjd gsd:group=10 sjd+lantern:delta=0.2``.
@@ -49,6 +51,7 @@ from entrypoints.validation import (
 )
 from models.registry import MODELS, REPO_ROOT
 
+DEFAULT_BUDGET = "node"  # LANTERN's δ bounds each node's shift (as generate_images --lantern_budget); see README
 DEFAULT_SETTINGS = [
     "ar", "eagle2", "lantern:delta=0.1", "lantern:delta=0.2", "lantern:delta=0.4",
     "eagle1", "lantern++:lam=2", "lantern++:lam=5", "lantern++:lam=10", "lantern++:lam=20",
@@ -102,15 +105,26 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     for key in ("top_k_draft", "depth", "total_token", "window", "group", "coupling"):
         if key in opts:
             out[key] = parse_number(opts.pop(key), int, f"{what} {key}")
+    for key in ("budget", "residual"):  # relaxation variants (models/drafters/acceptance.py)
+        if key in opts:
+            out[key] = opts.pop(key)
     if opts:
         raise ValueError(f"unknown options {sorted(opts)} in {text!r}")
     if name in ("lantern", "sjd+lantern") and "delta" not in out:
         raise ValueError(f"{text!r}: lantern needs delta=...")
     if name in ("lantern++", "sjd+lantern++") and "lam" not in out:
         raise ValueError(f"{text!r}: lantern++ needs lam=...")
+    relaxed = name.removeprefix("sjd+") if name.removeprefix("sjd+").startswith("lantern") else None
+    if ("budget" in out or "residual" in out) and relaxed is None:
+        raise ValueError(f"{text!r}: budget / residual apply to lantern and lantern++ only")
     validate_benchmark_setting(out)
     for key in ("window", "group"):  # the Jacobi settings' sizes
         check_number(f"setting {text!r}: {key}", out.get(key), lo=1)
+    if relaxed:  # the rule's own checks of the values, before any model loads
+        from models.drafters.acceptance import AcceptConfig
+
+        AcceptConfig(relax=relaxed, k=out["k"], delta=out.get("delta"), lam=out.get("lam"),
+                     budget=out.get("budget", DEFAULT_BUDGET), residual=out.get("residual", "exact"))
     return out
 
 
@@ -122,6 +136,8 @@ def needs_neighbours(name: str) -> bool:
 
 
 def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, neighbours):
+    from dataclasses import replace
+
     from models.drafters.acceptance import AcceptConfig
     from models.drafters.choices import get_tree_choices
     from models.ea_model import SpeculativeDecoder, TreeConfig
@@ -133,23 +149,24 @@ def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, ne
         accept = AcceptConfig(relax="lantern", k=setting["k"], delta=setting["delta"])
     elif name in ("lantern++", "sjd+lantern++"):
         accept = AcceptConfig(relax="lantern++", k=setting["k"], lam=setting["lam"])
-    elif name == "gsd":
+    if accept.enabled:
+        accept = replace(accept, budget=setting.get("budget", DEFAULT_BUDGET), residual=setting.get("residual", "exact"))
+    if name == "gsd":
         from models.drafters.grouped import GroupedAcceptConfig
 
         accept = GroupedAcceptConfig(k=setting["k"], group=setting.get("group", 10))
+    nb = neighbours[:, : accept.table_columns] if accept.enabled else None
     if name in JACOBI_SETTINGS:  # drafter-free: the same round with the Jacobi proposer
         from models.drafters.jacobi import SJD_DEFAULT_WINDOW, JacobiProposer
 
         coupling = name == "mc-sjd" or bool(setting.get("coupling", 0))
         proposer = JacobiProposer(setting.get("window", SJD_DEFAULT_WINDOW), coupling, sampling.greedy,
                                   allowed_tokens=family.allowed_tokens)
-        nb = neighbours[:, : setting["k"]] if accept.enabled else None
         return SpeculativeDecoder(family.target, None, family.num_image_tokens, sampling, cfg_scale, accept,
                                   neighbours=nb, allowed_tokens=family.allowed_tokens, proposer=proposer)
     kw = {k: setting[k] for k in ("top_k_draft", "depth", "total_token") if k in setting}
     choices = tuple(tuple(c) for c in get_tree_choices(setting["tree"])) if static else None
     tree = TreeConfig(static_choices=choices, **kw)
-    nb = neighbours[:, : setting["k"]] if accept.enabled else None
     return SpeculativeDecoder(family.target, drafter, family.num_image_tokens, sampling, cfg_scale, accept, tree, nb,
                               family.allowed_tokens)
 
@@ -181,7 +198,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if any(s["name"] != "ar" and s["name"] not in JACOBI_SETTINGS for s in settings):
         drafter = load_drafter(resolve_path(spec, "drafter", args.drafter_path), device, dtype, family.target.config)
     if any(needs_neighbours(s["name"]) for s in settings):
-        k = max(s["k"] for s in settings)
+        k = max(s["k"] + (s.get("residual", "exact") != "exact") for s in settings)  # original: k+1 columns
         neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=k,
                                           num_codes=getattr(family, "num_codes", None)).to(device)
         if hasattr(family, "neighbours_for_engine"):  # Chameleon: VQ-index table -> token ids
@@ -211,7 +228,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         chunks = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
         for s in settings:
             one(s["label"], chunks[0])  # warm-up, not timed
-        acc = {s["label"]: {"time": 0.0, "taus": [], "fwd": [], "toks": [], "depth": []} for s in settings}
+        acc = {s["label"]: {"time": 0.0, "taus": [], "fwd": [], "toks": [], "depth": [], "tvd_mean": [], "tvd_max": []}
+               for s in settings}
         for chunk in tqdm(chunks, desc=f"batch {bs}", unit="batch", leave=False):
             for s in settings:  # interleaved: every batch of prompts runs every setting
                 tokens, st = one(s["label"], chunk)
@@ -223,6 +241,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 a["taus"] += [p["step_compression"] for p in per]
                 a["fwd"] += [p["target_forwards"] for p in per]
                 a["depth"] += [p["acceptance_by_depth"] for p in per if "acceptance_by_depth" in p]
+                a["tvd_mean"] += [p["node_tvd_mean"] for p in per if "node_tvd_mean" in p]
+                a["tvd_max"] += [p["node_tvd_max"] for p in per if "node_tvd_max" in p]
         for s in settings:
             a = acc[s["label"]]
             tokens = torch.cat(a["toks"])
@@ -230,6 +250,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                    "latency_s": a["time"] / len(prompts), "images_per_s": len(prompts) / a["time"],
                    "tokens_per_s": len(prompts) * family.num_image_tokens / a["time"],
                    "target_forwards": statistics.mean(a["fwd"])}
+            if a["tvd_mean"]:  # every image has the same number of tokens: the mean of means is per token
+                row["node_tvd_mean"], row["node_tvd_max"] = statistics.mean(a["tvd_mean"]), max(a["tvd_max"])
             if classifier is not None:
                 images = family.decode_images(tokens) * 2 - 1
                 pred = classifier.classify(images).cpu()
@@ -273,8 +295,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def _markdown(results: list[dict]) -> str:
     has_acc = any("accuracy" in r for r in results)
     head = ("| setting | batch | τ | latency (s / image) | images/s | tokens/s | speed-up vs AR (same batch) | "
-            "target forwards |") + (" accuracy |" if has_acc else "")
-    sep = "|---|---|---|---|---|---|---|---|" + ("---|" if has_acc else "")
+            "target forwards |") + (" accuracy |" if has_acc else "") + " node TVD mean / max |"
+    sep = "|---|---|---|---|---|---|---|---|" + ("---|" if has_acc else "") + "---|"
     lines = [head, sep]
     for r in results:
         sp = f"{r['speedup_vs_ar']:.2f}×" if r.get("speedup_vs_ar") else "—"
@@ -282,6 +304,7 @@ def _markdown(results: list[dict]) -> str:
                 f"{r['images_per_s']:.2f} | {r['tokens_per_s']:.0f} | {sp} | {r['target_forwards']:.1f} |")
         if has_acc:
             line += f" {100 * r['accuracy']:.0f} % |"
+        line += f" {r['node_tvd_mean']:.3f} / {r['node_tvd_max']:.3f} |" if "node_tvd_mean" in r else " — |"
         lines.append(line)
     return "\n".join(lines)
 

@@ -91,6 +91,13 @@ def parse_args() -> argparse.ArgumentParser:
                    help="unambiguous LANTERN: TVD budget delta in [0, 1] (implies --lantern)")
     g.add_argument("--lantern_lambda", type=float, default=None,
                    help="unambiguous LANTERN++: ratio bound lambda >= 1 (implies --lantern)")
+    g.add_argument("--lantern_budget", default="node", choices=["sibling", "node"],
+                   help="LANTERN's delta per node (sibling j gets (delta - shift spent by earlier siblings) / "
+                   "P(reach j), so a node's TVD stays <= delta on dynamic trees) or per sibling test (the paper's "
+                   "and the original's rule; a node with c children shifts up to c*delta)")
+    g.add_argument("--lantern_residual", default="exact", choices=["exact", "original", "original_lumina"],
+                   help="residual after a relaxed rejection: the exact speculative one, or the original code's "
+                   "(LlamaGen/Anole; original_lumina: its Lumina-mGPT static-tree variant) to compare with the paper")
     g.add_argument("--static_tree", action="store_true", help="static tree of sampled drafts (EAGLE-1 style, LANTERN++)")
     g.add_argument("--tree_choices", default=None,
                    help="static tree: a named choice list (mc_sim_7b_63, naive_extend_57, chain_<n>) or a JSON list of "
@@ -130,7 +137,7 @@ RESUME_KEYS = ["model", "model_type", "model_path", "vq_path", "t5_path", "draft
                "prompt", "prompt_dir", "set_seed", "random_seed", "resolved_temperature", "resolved_top_k",
                "resolved_top_p", "resolved_cfg", "resolved_precision", "lantern", "lantern_k", "lantern_delta",
                "lantern_tvd", "lantern_lambda", "static_tree", "tree_choices", "eagle_version", "cfg_mode",
-               "top_k_draft", "depth", "total_token", "drafter_top_k",
+               "top_k_draft", "depth", "total_token", "drafter_top_k", "lantern_budget", "lantern_residual",
                "sjd_window", "sjd_coupling", "gsd", "gsd_group", "gsd_k"]
 
 
@@ -314,6 +321,9 @@ def _print_summary(stats: dict, items: list[tuple[int, str]]) -> None:
         cols = [[r["acceptance_by_depth"][d] for r in rows if d < len(r["acceptance_by_depth"])] for d in range(width)]
         rates = [np.mean([v for v in c if v == v]) if any(v == v for v in c) else float("nan") for c in cols]
         print("acceptance rate by depth: " + ", ".join(f"d{d + 1} {r:.2f}" for d, r in enumerate(rates)))
+    if "node_tvd_mean" in rows[0]:  # the realised shift from the target per emitted token (exact per node)
+        print(f"node TVD from the target: mean {np.mean([r['node_tvd_mean'] for r in rows]):.3f}, "
+              f"max {max(r['node_tvd_max'] for r in rows):.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,7 +30,7 @@ its own prefix. A finished prompt drops out. Random draws come from one generato
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -72,6 +72,14 @@ class TreeConfig:
         if self.static_choices is not None:
             return len(self.static_choices) + 1
         return self.total_token
+
+    @property
+    def drafter_slots(self) -> int:
+        """Drafter-cache slots one tree needs past the committed prefix: a dynamic tree feeds ``top_k_draft``
+        frontier nodes per level for ``depth − 1`` levels, which can exceed ``total_token``."""
+        if self.static_choices is not None:
+            return self.max_nodes
+        return max(self.total_token, self.top_k_draft * (self.depth - 1) + 1)
 
 
 def _gumbel_topk(log_q: torch.Tensor, k: int, u: torch.Tensor) -> torch.Tensor:
@@ -258,7 +266,8 @@ class SpeculativeDecoder:
         max_nodes = self.proposer.max_nodes if self.proposer is not None else self.tree_cfg.max_nodes
         max_len = t + n_tok + max_nodes + 1
         tcache = target.new_cache(prefix.rows, max_len)
-        dcache = self.drafter.new_cache(prefix.rows, max_len) if self.drafter is not None else None
+        dcache = (self.drafter.new_cache(prefix.rows, t + n_tok + self.tree_cfg.drafter_slots + 1)
+                  if self.drafter is not None else None)
         if self.proposer is not None:
             self.proposer.reset()
         keys = key_validity(prefix, max_len)  # (rows, max_len) prefix validity; generated slots True
@@ -281,7 +290,8 @@ class SpeculativeDecoder:
                                   roots[:, None]], dim=1).repeat(streams, 1)
         pend_len = torch.full((batch,), t, dtype=torch.long, device=dev)
         dlen = torch.zeros(batch, dtype=torch.long, device=dev)
-        per = [{"accept_lengths": [], "attempted": [], "accepted": [], "image_counts": []} for _ in range(batch)]
+        per = [{"accept_lengths": [], "attempted": [], "accepted": [], "image_counts": [], "node_tvd": []}
+               for _ in range(batch)]
         forwards = 1
         greedy = self.sampling.greedy
         build = self._static_tree if self.template is not None else self._dynamic_tree
@@ -337,11 +347,12 @@ class SpeculativeDecoder:
             for b, tr, res in zip(active, trees, results):
                 new = torch.cat([tr.tokens[res.path[1:]], res.next_token.view(1)])
                 outs[b].append(new)
-                per[b]["image_counts"].append(int((~forced[n_out[b] : n_out[b] + new.numel()]).sum()))
+                per[b]["image_counts"].append(new.numel() - int(forced[n_out[b] : n_out[b] + new.numel()].sum()))
                 n_out[b] += new.numel()
                 new_ids.append(_pad_last(new, a_max))
                 st = per[b]
                 st["accept_lengths"].append(res.accept_len)
+                st["node_tvd"].append(res.node_tvd)
                 st["attempted"].append(res.attempted_per_depth)
                 st["accepted"].append(res.accepted_per_depth)
             pend_feat = h_t[torch.arange(rows, device=dev)[:, None], path.repeat(streams, 1)]
@@ -363,7 +374,7 @@ class SpeculativeDecoder:
         if tokens.is_cuda:
             torch.cuda.synchronize(tokens.device)
         latency = time.perf_counter() - start
-        per_prompt = [_prompt_stats(st) for st in per]
+        per_prompt = [{**_prompt_stats(st), **_tvd_summary(st["node_tvd"], n_tok - 1)} for st in per]
         extra = {
             "step_compression": sum(p["step_compression"] for p in per_prompt) / batch,
             "acceptance_by_depth": _by_depth([a for st in per for a in st["accepted"]],
@@ -373,6 +384,9 @@ class SpeculativeDecoder:
             # free (forced) tokens such as Lumina's newlines excluded: image tokens per target forward
             "step_compression_image": sum(p["step_compression_image"] for p in per_prompt) / batch,
         }
+        if per_prompt and "node_tvd_mean" in per_prompt[0]:  # the realised shift per emitted token (issue 13)
+            extra["node_tvd_mean"] = sum(p["node_tvd_mean"] for p in per_prompt) / len(per_prompt)
+            extra["node_tvd_max"] = max(p["node_tvd_max"] for p in per_prompt)
         return tokens, GenerationStats(latency, n_tok * batch, forwards, extra)
 
 
@@ -410,6 +424,15 @@ def _by_depth(accepted: list[torch.Tensor], attempted: list[torch.Tensor]) -> li
     return [(float(a) / float(b) if b > 0 else float("nan")) for a, b in zip(acc.tolist(), att.tolist())]
 
 
+def _tvd_summary(tvds: list, n: int) -> dict:
+    """Mean / max realised per-node TVD (``VerifyResult.node_tvd``) over the first n verified tokens."""
+    vals = [t for t in tvds if t is not None]
+    vals = torch.cat(vals)[:n] if vals else None
+    if vals is None or vals.numel() == 0:
+        return {}
+    return {"node_tvd_mean": float(vals.double().mean()), "node_tvd_max": float(vals.max())}
+
+
 def _prompt_stats(st: dict) -> dict:
     taus = [a + 1 for a in st["accept_lengths"]]
     return {"step_compression": float(sum(taus) / len(taus)) if taus else 1.0,
@@ -445,9 +468,12 @@ def accept_from_args(args, spec, device, family=None) -> tuple[AcceptConfig, tor
         accept = AcceptConfig(relax="lantern++", k=args.lantern_k, lam=args.lantern_lambda)
     else:
         accept = AcceptConfig.from_original_flags(args.lantern, args.lantern_k, args.lantern_delta)
+    if accept.relax is not None:  # --lantern_budget / --lantern_residual (issue 13); not for GSD
+        accept = replace(accept, budget=getattr(args, "lantern_budget", "sibling"),
+                         residual=getattr(args, "lantern_residual", "exact"))
     neighbours = None
     if accept.enabled:
-        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.k,
+        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.table_columns,
                                           num_codes=getattr(family, "num_codes", None)).to(device)
         if hasattr(family, "neighbours_for_engine"):  # tables are in VQ indices; Chameleon's tokens are not
             neighbours = family.neighbours_for_engine(neighbours)

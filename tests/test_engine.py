@@ -72,6 +72,16 @@ def test_greedy_speculative_equals_greedy_ar(kind, tree):
             assert stats.target_forwards == 1 + len(stats.extra["accept_lengths"])
 
 
+def test_dynamic_tree_wider_than_its_node_budget_stays_in_the_drafter_cache():
+    """top_k_draft x (depth - 1) frontier nodes exceed total_token: the drafter cache must hold them all."""
+    model, io = _fixture_gpt("c2i")
+    prefix = _prefix(model, io["gen_cond"][:1], torch.ones(1, 1, dtype=torch.bool), 4.0)
+    tree = TreeConfig(top_k_draft=6, depth=4, total_token=5)
+    dec = SpeculativeDecoder(model, _random_drafter(model, 0), 16, SamplingConfig(temperature=0), 4.0, tree=tree)
+    tokens, _ = dec.generate(prefix)
+    assert torch.equal(tokens, generate_ar(model, prefix, 16, SamplingConfig(temperature=0))[0])
+
+
 # --------------------------------------------------------------------------------------------- oracle drafter
 class OracleDrafter(torch.nn.Module):
     """A 'drafter' that runs the target itself (C2I, one condition position), so its drafts are the target's.

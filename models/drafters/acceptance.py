@@ -26,18 +26,51 @@ Sibling tests (children of one node, in drafting order x_1, x_2, …; r_1 = p):
 * if no child is accepted the next token is drawn from the final residual; at a leaf, from p.
 
 With relaxation off both rules are exactly lossless: the output token is distributed as p (tests prove it).
-With relaxation on, the output of the dynamic rule is within Σ_j P(reach j)·c_{m*_j} ≤ (#children)·δ of p in
-total variation (each stage outputs P̃ on its residual, see ``tests/test_acceptance.py``).
+
+What δ and λ guarantee (``AcceptConfig.budget``; R_j = P(sibling j is tested) = Π_{l<j}(1 − a_l), a_l the
+acceptance probability of sibling l, c*_j = p̃_j(x_j) − r_j(x_j) the mass moved onto x_j):
+
+* dynamic tree, exact residual: each stage outputs P̃_j (on r_j) when the rest of the chain is lossless, so by
+  induction the node's output law O has **TVD(O, p) ≤ Σ_j R_j·c*_j**, with equality when no child lies in an
+  earlier sibling's aggregated set (then x_j is emitted with probability R_j·p̃_j(x_j), every untouched code
+  y with R_{c+1}·r_{c+1}(y) = p(y), aggregated codes never).
+  - ``budget="sibling"`` (the paper's and original code's rule): each c*_j ≤ δ, so TVD(O, p) ≤ (#children)·δ.
+  - ``budget="node"``: sibling j gets δ_j = (δ − Σ_{l<j} R_l·c*_l) / R_j (R_j, c*_l are known inside the
+    loop), so Σ_j R_j·c*_j ≤ δ: **TVD(O, p) ≤ δ at every node by construction**.
+  - LANTERN++ (λ): c*_j ≤ (λ−1)·r_j(x_j), so O(x_j) = R_j·p̃_j(x_j) ≤ λ·R_j·r_j(x_j) = λ·p(x_j) and O(y) ≤ p(y)
+    elsewhere: **O(y) ≤ λ·p(y) for every y holds for the whole node with the per-sibling rule** — that is the
+    node-level λ rule, nothing to carry over, so ``budget="node"`` with λ is the same rule as ``"sibling"``.
+    Its TVD is Σ_j R_j·c*_j ≤ (λ−1)·Σ_j p(x_j).
+* static tree (children sampled from Q): the relaxed target P̃_x depends on the drawn x, so the stage's
+  marginal output is no longer P̃ of anything and **neither budget bounds the node's TVD** (exact enumeration
+  over the draws finds TVD > 2.5·δ for a single child, and the same worst cases with ``budget="node"``, which
+  uses R_j given the drawn children). λ's ratio bound O(y) ≤ λ·p(y) was not exceeded in the random cases of
+  ``tests/test_verify_law.py`` but is not proven. :func:`node_tvd` reports, per static node, TVD between the
+  relaxed and the exact rule's laws given the same draws; its mean over draws bounds the true TVD from above.
+* ``residual="original*"``: no bound (the residual is not the speculative residual of P̃; measured shifts are
+  several times δ).
+
+The original code's rule, ``residual="original"`` (LlamaGen / Anole) and ``"original_lumina"``
+(Lumina-mGPT's static path; its dynamic path is the same as ``"original"``). The acceptance test is ours;
+the residual after rejecting x_j differs:
+
+* dynamic: r_{j+1} = normalise(r_j with x_j zeroed, and N_1(x_j)..N_{k+1}(x_j) zeroed too whenever m*_j ≥ 1);
+* static, ``original``: r_{j+1} = normalise(max(0, r_j − q′_j)), q′_j = q_j with N_1..N_{k+1} zeroed and not
+  renormalised (P̃ not used);
+* static, ``original_lumina``: r_{j+1} = normalise(max(0, r_j with N_1..N_{k+1} zeroed − q_j));
+* a residual that empties becomes the uniform distribution over the whole vocabulary (the exact rule keeps
+  the previous distribution there, a branch of probability ~0).
+It needs k+1 neighbour columns (:attr:`AcceptConfig.table_columns`).
 
 Greedy (temperature 0): x passes iff it is the argmax of p after replacing p(x) by p̃(x) (ties → lowest
 index, as ``torch.argmax``); the token after the accepted prefix is the plain argmax of p.
 
-Differences from the original LANTERN code (deliberate): the original zeroes the first k+1 neighbours of a
-rejected candidate regardless of m* and on some paths zeroes the drafter's Q instead of the target's p, so its
-residual is not the speculative residual of the relaxed target it tested against. We derive the residual from
-P̃ exactly as above (only N_1..N_{m*} and x are removed, from p), which makes the relaxation-off case lossless
-and the relaxed case analysable. The original's shared ``--lantern_delta`` flag (≤ 1 → δ, > 1 → λ) is kept via
-:meth:`AcceptConfig.from_original_flags`.
+Differences from the original LANTERN code (deliberate, default ``residual="exact"``): the original zeroes the
+first k+1 neighbours of a rejected candidate regardless of m* and on some paths zeroes the drafter's Q instead
+of the target's p, so its residual is not the speculative residual of the relaxed target it tested against.
+We derive the residual from P̃ exactly as above (only N_1..N_{m*} and x are removed, from p), which makes the
+relaxation-off case lossless and the relaxed case analysable. The original's shared ``--lantern_delta`` flag
+(≤ 1 → δ, > 1 → λ) is kept via :meth:`AcceptConfig.from_original_flags`.
 """
 
 from __future__ import annotations
@@ -56,11 +89,15 @@ __all__ = [
     "relaxed_distribution",
     "dynamic_sibling_test",
     "static_sibling_test",
+    "sibling_output_law",
+    "node_tvd",
     "greedy_accept",
     "verify_tree",
 ]
 
 _EPS = 1e-12  # residual mass below this is treated as empty (the branch has ~zero probability)
+BUDGETS = ("sibling", "node")
+RESIDUALS = ("exact", "original", "original_lumina")
 
 
 @dataclass(frozen=True)
@@ -72,14 +109,24 @@ class AcceptConfig:
         k: number of latent neighbours considered (``lantern_k``).
         delta: TVD budget δ in [0, 1] for ``"lantern"``.
         lam: ratio bound λ ≥ 1 for ``"lantern++"``.
+        budget: ``"sibling"`` (δ per sibling test, the original) or ``"node"`` (δ for the whole node: sibling j
+            gets (δ − Σ_{l<j} R_l·c*_l) / R_j). With λ both are the same rule (it bounds the node already).
+        residual: ``"exact"`` (the speculative residual of P̃), ``"original"`` / ``"original_lumina"`` (the
+            original code's residuals, see the module docstring).
     """
 
     relax: Literal["lantern", "lantern++"] | None = None
     k: int = 0
     delta: float | None = None
     lam: float | None = None
+    budget: Literal["sibling", "node"] = "sibling"
+    residual: Literal["exact", "original", "original_lumina"] = "exact"
 
     def __post_init__(self) -> None:
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"unknown residual {self.residual!r}; choose one of {', '.join(RESIDUALS)}")
         if self.relax is None:
             return
         if self.k < 1:
@@ -101,14 +148,20 @@ class AcceptConfig:
     def enabled(self) -> bool:
         return self.relax is not None
 
+    @property
+    def table_columns(self) -> int:
+        """Neighbour-table columns the rule reads: k, or k + 1 for the original's residuals (N_1..N_{k+1})."""
+        return self.k + 1 if self.enabled and self.residual != "exact" else self.k
+
     @classmethod
-    def from_original_flags(cls, lantern: bool, lantern_k: int, lantern_delta: float) -> AcceptConfig:
+    def from_original_flags(cls, lantern: bool, lantern_k: int, lantern_delta: float, budget: str = "sibling",
+                            residual: str = "exact") -> AcceptConfig:
         """The original command line: ``--lantern`` on, ``--lantern_delta`` ≤ 1 is δ, > 1 is λ (LANTERN++)."""
         if not lantern:
             return cls()
         if lantern_delta <= 1.0:
-            return cls(relax="lantern", k=int(lantern_k), delta=float(lantern_delta))
-        return cls(relax="lantern++", k=int(lantern_k), lam=float(lantern_delta))
+            return cls(relax="lantern", k=int(lantern_k), delta=float(lantern_delta), budget=budget, residual=residual)
+        return cls(relax="lantern++", k=int(lantern_k), lam=float(lantern_delta), budget=budget, residual=residual)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,8 +176,11 @@ def _relax_terms(
     k: int,
     delta: float | None,
     lam: float | None,
+    budget: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shared core: (p(x), c_{m*}, m*, neighbour ids (..., k), in-prefix mask (..., k))."""
+    """Shared core: (p(x), c_{m*}, m*, neighbour ids (..., k), in-prefix mask (..., k)).
+
+    ``budget`` (shape of ``cand``) replaces the scalar δ (the node-level budget δ_j of a sibling)."""
     if delta is not None and lam is not None:
         raise ValueError("give delta (LANTERN) or lam (LANTERN++), not both")
     cand = cand.long()
@@ -141,7 +197,8 @@ def _relax_terms(
     valid = nb >= 0  # -1 pads a row with fewer neighbours (e.g. non-image tokens)
     nb_p = target_probs.gather(-1, nb.clamp(min=0)) * valid
     c = nb_p.cumsum(-1)  # c_m, non-decreasing
-    budget = p_x.new_full(p_x.shape, float(delta)) if delta is not None else (float(lam) - 1.0) * p_x
+    if budget is None:
+        budget = p_x.new_full(p_x.shape, float(delta)) if delta is not None else (float(lam) - 1.0) * p_x
     within = (c <= budget.unsqueeze(-1)) & valid  # a prefix, because c is non-decreasing
     m_star = within.sum(-1)
     c_star = (nb_p * within).sum(-1)
@@ -228,6 +285,115 @@ def _normalise_or(res: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     return torch.where(s > _EPS, res / s.clamp(min=_EPS), fallback)
 
 
+def _original_neighbour_mask(target_probs: torch.Tensor, cand: torch.Tensor, cfg: AcceptConfig,
+                             neighbours: torch.Tensor) -> torch.Tensor:
+    """(..., V) bool mask of N_1(x)..N_{k+1}(x), the set the original code removes (x itself excluded)."""
+    if neighbours.shape[1] < cfg.k + 1:
+        raise ValueError(f"residual={cfg.residual!r} removes k+1 = {cfg.k + 1} neighbours but the neighbour table "
+                         f"has {neighbours.shape[1]} columns; load it with k+1 columns (AcceptConfig.table_columns)")
+    nb = neighbours[:, : cfg.k + 1].to(device=cand.device, dtype=torch.long)[cand.long()]
+    mask = torch.zeros(target_probs.shape, dtype=torch.bool, device=target_probs.device)
+    mask.scatter_(-1, nb.clamp(min=0), nb >= 0)
+    return mask
+
+
+def _sibling_chain(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    children: torch.Tensor,
+    cfg: AcceptConfig,
+    neighbours: torch.Tensor | None,
+    generator: torch.Generator | None,
+    child_mask: torch.Tensor | None,
+    sample: bool = True,
+    want_law: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The sibling process of one node, shared by the dynamic (``draft_probs`` None, q_j = δ_{x_j}) and the
+    static rule. Returns ``(accepted_rank, final residual, exact output law or None)``.
+
+    The residual chain r_1, r_2, … given the children is deterministic, so it is advanced on every valid slot
+    whatever the uniforms say; the sampled outcome is the first j with u_j < a_j. The same chain gives the
+    node's exact output law  Σ_j R_j·a_j·δ_{x_j} + R_{c+1}·r_{c+1}  with R_j = Π_{l<j}(1 − a_l) (for static
+    trees conditional on the drawn children). ``cfg.budget == "node"`` gives sibling j the TVD budget
+    δ_j = (δ − Σ_{l<j} R_l·c*_l) / R_j, so Σ_j R_j·c*_j ≤ δ.
+    """
+    static = draft_probs is not None
+    r = target_probs
+    dt, dev = target_probs.dtype, target_probs.device
+    vocab = target_probs.shape[-1]
+    if child_mask is None:
+        child_mask = torch.ones(children.shape, dtype=torch.bool, device=children.device)
+    if cfg.enabled and neighbours is None:
+        raise ValueError("relaxed acceptance needs a neighbour table")
+    lead = children.shape[:-1]
+    u = torch.rand(children.shape, generator=generator, device=dev, dtype=dt) if sample else None
+    accepted = torch.full(lead, -1, dtype=torch.long, device=children.device)
+    reach = torch.ones(lead, dtype=dt, device=dev)  # R_j: probability that sibling j is tested
+    spent = torch.zeros(lead, dtype=dt, device=dev)  # Σ_{l<j} R_l·c*_l
+    law = torch.zeros_like(target_probs) if want_law else None
+    uniform = torch.full_like(target_probs, 1.0 / vocab)
+    node_budget = cfg.relax == "lantern" and cfg.budget == "node"
+    original = cfg.enabled and cfg.residual != "exact"
+    q_rem = draft_probs.to(dt) if static else None
+    for j in range(children.shape[-1]):
+        x = children[..., j].long()
+        valid = child_mask[..., j]
+        if not cfg.enabled:
+            p_tilde = r.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+            agg = torch.zeros(r.shape, dtype=torch.bool, device=dev).scatter_(-1, x.unsqueeze(-1), True)
+            m_star = torch.zeros_like(x)
+        elif hasattr(cfg, "relaxed_for"):  # a rule with its own aggregated set (GSD, models/drafters/grouped.py)
+            p_tilde, agg = cfg.relaxed_for(r, x, neighbours)
+            m_star = agg.sum(-1) - 1
+        else:
+            budget = None
+            if node_budget:
+                budget = torch.where(reach > _EPS, (cfg.delta - spent).clamp(min=0.0) / reach.clamp(min=_EPS),
+                                     torch.full_like(reach, float(cfg.delta)))
+            p_x, c_star, m_star, nb, within = _relax_terms(r, x, neighbours, cfg.k, cfg.delta, cfg.lam, budget)
+            p_tilde = p_x + c_star
+            agg = _aggregate_mask(r, x, nb, within)
+        if static:
+            q_j = _normalise_or(q_rem, q_rem)  # = Q / (1 − Σ_{l<j} Q(x_l)) for a normalised Q
+            q_x = q_j.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+            accept_prob = torch.where(q_x > 0, (p_tilde / q_x.clamp(min=_EPS)).clamp(max=1.0), (p_tilde > 0).to(dt))
+        else:
+            accept_prob = p_tilde.clamp(max=1.0)
+        if u is not None:
+            acc = valid & (accepted < 0) & (u[..., j] < accept_prob)
+            accepted = torch.where(acc, j, accepted)
+        # the residual r_{j+1} the process continues with if x_j is rejected
+        if not static:
+            if original:  # the original: x and N_1..N_{k+1} leave whenever m* >= 1, empty -> uniform
+                zero = agg.scatter(-1, x.unsqueeze(-1), True)
+                zero = torch.where((m_star >= 1).unsqueeze(-1), zero | _original_neighbour_mask(r, x, cfg, neighbours),
+                                   zero)
+                nxt = _normalise_or(r.masked_fill(zero, 0.0), uniform)
+            else:  # normalise(max(0, P̃_x − δ_x)) = r with x and N_1..N_{m*} zeroed
+                nxt = _normalise_or(r.masked_fill(agg, 0.0), r)
+        else:
+            if original and cfg.residual == "original":  # LlamaGen/Anole: r − q_j with N_1..N_{k+1} zeroed in q
+                q_prime = q_j.masked_fill(_original_neighbour_mask(r, x, cfg, neighbours), 0.0)
+                nxt = _normalise_or((r - q_prime).clamp(min=0.0), uniform)
+            elif original:  # Lumina-mGPT: p zeroed on N_1..N_{k+1}, then q_j subtracted
+                r_zeroed = r.masked_fill(_original_neighbour_mask(r, x, cfg, neighbours), 0.0)
+                nxt = _normalise_or((r_zeroed - q_j).clamp(min=0.0), uniform)
+            else:  # SpecInfer-style: normalise(max(0, P̃_x − q_j))
+                relaxed = r.masked_fill(agg, 0.0).scatter(-1, x.unsqueeze(-1), p_tilde.unsqueeze(-1))
+                nxt = _normalise_or((relaxed - q_j).clamp(min=0.0), relaxed)
+            q_rem = torch.where(valid[..., None], q_rem.scatter(-1, x.unsqueeze(-1), 0.0), q_rem)
+        vr = valid.to(dt)
+        if law is not None:
+            law = law.scatter_add(-1, x.unsqueeze(-1), (reach * accept_prob * vr).unsqueeze(-1))
+        c_j = (p_tilde - r.gather(-1, x.unsqueeze(-1)).squeeze(-1)).clamp(min=0.0)  # c*_j on r_j
+        spent = spent + reach * c_j * vr
+        reach = reach * (1.0 - accept_prob * vr)
+        r = torch.where(valid.unsqueeze(-1), nxt, r)
+    if law is not None:
+        law = law + reach.unsqueeze(-1) * r
+    return accepted, r, law
+
+
 def dynamic_sibling_test(
     target_probs: torch.Tensor,
     children: torch.Tensor,
@@ -238,8 +404,10 @@ def dynamic_sibling_test(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequential test of deterministic drafts (q(x) = 1) against the target p, with relaxation.
 
-    For j = 1..c with r_1 = p: accept x_j with probability p̃_j(x_j) (relaxation on the residual r_j);
-    on rejection r_{j+1} = normalise(r_j with x_j and N_1..N_{m*_j}(x_j) zeroed). Lossless when ``cfg`` is off.
+    For j = 1..c with r_1 = p: accept x_j with probability p̃_j(x_j) (relaxation on the residual r_j, budget
+    δ or δ_j by ``cfg.budget``); on rejection r_{j+1} = normalise(r_j with x_j and N_1..N_{m*_j}(x_j) zeroed)
+    (``cfg.residual == "exact"``; see the module docstring for the original's rule). Lossless when ``cfg`` is
+    off.
 
     The loop over sibling rank is inherent (the set removed after rejecting x_j depends on m*_j, which is
     computed on r_j); each iteration is vectorised over the leading dims and V, and nothing syncs.
@@ -254,20 +422,7 @@ def dynamic_sibling_test(
         ``(accepted_rank (...,) long, -1 if none, residual (..., V))``; the residual is the distribution to
         sample the next token from when nothing was accepted (for rows that accepted it is meaningless).
     """
-    r = target_probs
-    c = children.shape[-1]
-    if child_mask is None:
-        child_mask = torch.ones(children.shape, dtype=torch.bool, device=children.device)
-    u = torch.rand(children.shape, generator=generator, device=target_probs.device, dtype=target_probs.dtype)
-    accepted = torch.full(children.shape[:-1], -1, dtype=torch.long, device=children.device)
-    for j in range(c):
-        x = children[..., j]
-        valid = child_mask[..., j] & (accepted < 0)
-        p_tilde, agg = _relaxed_for(r, x, cfg, neighbours)
-        acc = valid & (u[..., j] < p_tilde)
-        accepted = torch.where(acc, j, accepted)
-        rejected = (valid & ~acc).unsqueeze(-1)
-        r = torch.where(rejected, _normalise_or(r.masked_fill(agg, 0.0), r), r)
+    accepted, r, _ = _sibling_chain(target_probs, None, children, cfg, neighbours, generator, child_mask)
     return accepted, r
 
 
@@ -284,7 +439,8 @@ def static_sibling_test(
 
     With r_1 = p: q_j(x) = Q(x) / (1 − Σ_{l<j} Q(x_l)) on the not-yet-drawn support (0 on x_1..x_{j-1});
     P̃_j = relaxed target of x_j built on r_j; accept x_j with probability min(1, P̃_j(x_j) / q_j(x_j));
-    on rejection r_{j+1} = normalise(max(0, P̃_j − q_j)). Lossless when ``cfg`` is off.
+    on rejection r_{j+1} = normalise(max(0, P̃_j − q_j)) (``cfg.residual == "exact"``; the original's rules
+    are in the module docstring). Lossless when ``cfg`` is off.
 
     A short loop over sibling rank (each step depends on the previous residual); vectorised over the leading
     dims and V, sync-free.
@@ -298,27 +454,48 @@ def static_sibling_test(
     Returns:
         ``(accepted_rank (...,) long, -1 if none, residual (..., V))`` as in :func:`dynamic_sibling_test`.
     """
-    r = target_probs
-    q_rem = draft_probs.to(target_probs.dtype)
-    c = children.shape[-1]
-    if child_mask is None:
-        child_mask = torch.ones(children.shape, dtype=torch.bool, device=children.device)
-    u = torch.rand(children.shape, generator=generator, device=target_probs.device, dtype=target_probs.dtype)
-    accepted = torch.full(children.shape[:-1], -1, dtype=torch.long, device=children.device)
-    for j in range(c):
-        x = children[..., j].long()
-        valid = child_mask[..., j] & (accepted < 0)
-        q_j = _normalise_or(q_rem, q_rem)  # = Q / (1 − Σ_{l<j} Q(x_l)) for a normalised Q
-        p_tilde, agg = _relaxed_for(r, x, cfg, neighbours)
-        relaxed = r.masked_fill(agg, 0.0).scatter(-1, x.unsqueeze(-1), p_tilde.unsqueeze(-1))
-        q_x = q_j.gather(-1, x.unsqueeze(-1)).squeeze(-1)
-        accept_prob = torch.where(q_x > 0, (p_tilde / q_x.clamp(min=_EPS)).clamp(max=1.0), (p_tilde > 0).to(r.dtype))
-        acc = valid & (u[..., j] < accept_prob)
-        accepted = torch.where(acc, j, accepted)
-        rejected = (valid & ~acc).unsqueeze(-1)
-        r = torch.where(rejected, _normalise_or((relaxed - q_j).clamp(min=0.0), relaxed), r)
-        q_rem = torch.where(child_mask[..., j, None], q_rem.scatter(-1, x.unsqueeze(-1), 0.0), q_rem)
+    accepted, r, _ = _sibling_chain(target_probs, draft_probs, children, cfg, neighbours, generator, child_mask)
     return accepted, r
+
+
+def sibling_output_law(
+    target_probs: torch.Tensor,
+    children: torch.Tensor,
+    cfg: AcceptConfig,
+    neighbours: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | None = None,
+    child_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact law (..., V) of the token a node emits: its sibling test, then the residual if nothing passed.
+
+    ``Σ_j R_j·a_j·δ_{x_j} + R_{c+1}·r_{c+1}`` with a_j the acceptance probability of sibling j and
+    R_j = Π_{l<j}(1 − a_l). Dynamic rule when ``draft_probs`` is None (the law of the node's output); static
+    rule otherwise, *conditional on the drawn children* (the marginal over the draws of an exact static test
+    is p; a relaxed one's marginal would need every ordered draw).
+    """
+    return _sibling_chain(target_probs, draft_probs, children, cfg, neighbours, None, child_mask,
+                          sample=False, want_law=True)[2]
+
+
+def node_tvd(
+    target_probs: torch.Tensor,
+    children: torch.Tensor,
+    cfg: AcceptConfig,
+    neighbours: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | None = None,
+    child_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Realised distribution shift (...,) of a node's emitted token, computed exactly (no sampling).
+
+    Dynamic rule: TVD(law, p), the exact shift of the node's output law from the target. Static rule:
+    TVD(law, law₀), the relaxed and the exact rule's laws given the same drawn children; since the exact
+    rule's law averages to p over the draws, its mean over draws bounds the node's marginal TVD from p from
+    above (convexity), and it is 0 with relaxation off.
+    """
+    law = sibling_output_law(target_probs, children, cfg, neighbours, draft_probs, child_mask)
+    ref = target_probs if draft_probs is None else sibling_output_law(
+        target_probs, children, AcceptConfig(), None, draft_probs, child_mask)
+    return 0.5 * (law - ref).abs().sum(-1)
 
 
 def greedy_accept(
@@ -352,6 +529,9 @@ class VerifyResult:
         accept_len: number of accepted drafted tokens.
         attempted_per_depth: (max_depth,) 1 where a sibling test of the children at depth d + 1 was run.
         accepted_per_depth: (max_depth,) 1 where a child at depth d + 1 was accepted.
+        node_tvd: (accept_len + 1,) the realised shift of each emitted token, one per node of ``path`` (the
+            node whose sibling test emitted it), computed exactly by :func:`node_tvd` (0 with relaxation
+            off and at a leaf, which samples from p). Greedy: 1 where the emitted token is not argmax p.
     """
 
     path: torch.Tensor
@@ -359,6 +539,7 @@ class VerifyResult:
     accept_len: int
     attempted_per_depth: torch.Tensor
     accepted_per_depth: torch.Tensor
+    node_tvd: torch.Tensor | None = None
 
     def accepted_tokens(self, tree: DraftTree) -> torch.Tensor:
         """(accept_len,) the accepted drafted tokens."""
@@ -391,12 +572,14 @@ def _verify_greedy(
     d = torch.arange(max_depth, device=dev)
     attempted = torch.zeros(max_depth, dtype=torch.long, device=dev)
     attempted[: accept_len + 1] = has_child[path].long()[:max_depth]
+    emitted = torch.cat([tree.tokens[path[1:]], target_probs[last].argmax(-1).view(1)])
     return VerifyResult(
         path=path,
         next_token=target_probs[last].argmax(-1),
         accept_len=accept_len,
         attempted_per_depth=attempted,
         accepted_per_depth=(d < accept_len).long(),
+        node_tvd=(emitted != target_probs[path].argmax(-1)).to(target_probs.dtype),
     )
 
 
@@ -407,6 +590,7 @@ def verify_tree(
     neighbours: torch.Tensor | None = None,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    measure_shift: bool = True,
 ) -> VerifyResult:
     """Walk the tree from the root, accepting at most one child per level, and pick the next token.
 
@@ -419,7 +603,8 @@ def verify_tree(
     longest chain of first-passing children; the next token is argmax p at its end.
 
     The loop runs over depth levels only and is sync-free until the final ``accept_len``; every random draw
-    uses ``generator``. Half-precision probabilities are upcast to float32.
+    uses ``generator``. Half-precision probabilities are upcast to float32. ``measure_shift`` computes
+    ``VerifyResult.node_tvd`` (exact laws per node on the path; with relaxation off it is 0 without work).
     """
     if target_probs.dtype in (torch.float16, torch.bfloat16):
         target_probs = target_probs.float()
@@ -441,15 +626,18 @@ def verify_tree(
     path_buf[0] = 0
     attempted = torch.zeros(max_depth, dtype=torch.long, device=dev)
     accepted = torch.zeros(max_depth, dtype=torch.long, device=dev)
+    tvd_buf = torch.zeros(max_depth + 1, dtype=target_probs.dtype, device=dev)
     for d in range(max_depth):
         ch = children[cur]  # (C,)
         cmask = ch >= 0
         toks = tree.tokens[ch.clamp(min=0)]
         p_cur = target_probs[cur]
-        if static:
-            rank, res = static_sibling_test(p_cur, draft_probs[cur], toks, cfg, neighbours, generator, cmask)
-        else:
-            rank, res = dynamic_sibling_test(p_cur, toks, cfg, neighbours, generator, cmask)
+        q_cur = draft_probs[cur] if static else None
+        rank, res, law = _sibling_chain(p_cur, q_cur, toks, cfg, neighbours, generator, cmask, want_law=cfg.enabled and measure_shift)
+        if law is not None:  # the realised shift of this node's emitted token (see node_tvd)
+            ref = p_cur if not static else _sibling_chain(p_cur, q_cur, toks, AcceptConfig(), None, None, cmask,
+                                                          sample=False, want_law=True)[2]
+            tvd_buf[d] = torch.where(alive & cmask.any(), 0.5 * (law - ref).abs().sum(-1), 0.0)
         tested = alive & cmask.any()
         acc = tested & (rank >= 0)
         stop_res = torch.where(tested, res, p_cur)  # a leaf samples from p
@@ -468,4 +656,5 @@ def verify_tree(
         accept_len=accept_len,
         attempted_per_depth=attempted,
         accepted_per_depth=accepted,
+        node_tvd=tvd_buf[: accept_len + 1],
     )

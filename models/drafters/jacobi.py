@@ -43,7 +43,7 @@ import torch
 
 from models.generation import prompt_generator
 
-from .acceptance import AcceptConfig, VerifyResult, static_sibling_test, verify_tree
+from .acceptance import AcceptConfig, VerifyResult, node_tvd, static_sibling_test, verify_tree
 from .tree import DraftTree, build_tree
 
 __all__ = ["JacobiProposer", "maximal_coupling", "verify_chain", "SJD_DEFAULT_WINDOW"]
@@ -80,20 +80,27 @@ def verify_chain(tree: DraftTree, target_probs: torch.Tensor, cfg: AcceptConfig,
     positions: :func:`~models.drafters.acceptance.static_sibling_test` runs once over the L positions (one fresh
     uniform each), the accepted length is the run of passes before the first failure, and the next token is
     drawn from that node's residual (or from the last p when all pass). Same rule, same distribution as the
-    depth-by-depth walk, without L sequential steps. Greedy and empty chains go to ``verify_tree``.
+    depth-by-depth walk, without L sequential steps; ``node_tvd`` is the realised shift of every emitted token
+    (:func:`~models.drafters.acceptance.node_tvd`), as in ``verify_tree``. Greedy and empty chains go to
+    ``verify_tree``.
     """
     n_draft = tree.num_nodes - 1
     if greedy or n_draft == 0:
         return verify_tree(tree, target_probs, cfg, neighbours, greedy, generator)
     probs = target_probs.float()
-    acc, res = static_sibling_test(probs[:n_draft], tree.draft_probs[:n_draft].to(probs.dtype), tree.tokens[1:, None],
-                                   cfg, neighbours, generator)
+    draft = tree.draft_probs[:n_draft].to(probs.dtype)
+    acc, res = static_sibling_test(probs[:n_draft], draft, tree.tokens[1:, None], cfg, neighbours, generator)
     a = int((acc >= 0).long().cumprod(0).sum())
     final = res[a] if a < n_draft else probs[n_draft]
     next_token = torch.multinomial(final, 1, generator=generator).squeeze(0)
     depth = torch.arange(n_draft, device=probs.device)
+    # realised shift of each emitted token (as verify_tree's node_tvd): 0 when exact and at the final leaf
+    tvd = torch.zeros(n_draft + 1, dtype=probs.dtype, device=probs.device)
+    if cfg.enabled:
+        tvd[:n_draft] = node_tvd(probs[:n_draft], tree.tokens[1:, None], cfg, neighbours, draft)
     return VerifyResult(path=torch.arange(a + 1, device=probs.device), next_token=next_token, accept_len=a,
-                        attempted_per_depth=(depth <= a).long(), accepted_per_depth=(depth < a).long())
+                        attempted_per_depth=(depth <= a).long(), accepted_per_depth=(depth < a).long(),
+                        node_tvd=tvd[: a + 1])
 
 
 class JacobiProposer:

@@ -267,6 +267,11 @@ class ChameleonFamily(ImageFamily):
         images = self.vq.decode_codes(codes, (self.grid, self.grid))
         return ((images.float() + 1) / 2).clamp(0, 1)
 
+    @property
+    def num_codes(self) -> int:
+        """VQGAN codebook size: the rows a neighbour table (in VQ indices) must have."""
+        return int(self.vq.config.n_embed)
+
     def neighbours_for_engine(self, table: torch.Tensor) -> torch.Tensor:
         """A VQ-index neighbour table (N, K) -> indexed by token id (max allowed id + 1, K), -1 elsewhere.
 
