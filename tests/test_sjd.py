@@ -110,6 +110,27 @@ def test_coupling_raises_acceptance():
     assert taus[True] > taus[False]
 
 
+@pytest.mark.parametrize("relaxed", [False, True])
+def test_chain_verification_is_verify_tree_on_a_chain(relaxed):
+    """The vectorised chain test draws the same uniforms in the same order as the depth-by-depth walk: same
+    accepted length, next token and realised TVD, seed for seed."""
+    from models.drafters.acceptance import verify_tree
+    from models.drafters.jacobi import verify_chain
+    from models.drafters.tree import build_tree
+
+    g = torch.Generator().manual_seed(0)
+    cfg = AcceptConfig(relax="lantern", k=2, delta=0.3) if relaxed else AcceptConfig()
+    for trial in range(50):
+        p = torch.softmax(2 * torch.randn(6, 4, generator=g), -1)
+        q = torch.softmax(2 * torch.randn(6, 4, generator=g), -1)
+        tokens = torch.cat([torch.tensor([1]), torch.multinomial(q[:5], 1, generator=g).squeeze(1)])
+        tree = build_tree(tokens, torch.arange(-1, 5), q)
+        a = verify_chain(tree, p, cfg, NEIGHBOURS, False, torch.Generator().manual_seed(trial))
+        b = verify_tree(tree, p, cfg, NEIGHBOURS, False, torch.Generator().manual_seed(trial))
+        assert a.accept_len == b.accept_len and int(a.next_token) == int(b.next_token)
+        assert torch.allclose(a.node_tvd, b.node_tvd, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------- coupling
 def test_maximal_coupling_keeps_marginal_and_maximises_agreement():
     g = torch.Generator().manual_seed(0)
@@ -242,6 +263,7 @@ def test_sjd_cli_writes_the_same_statistics(tmp_path, _demo):
     for entry in stats.values():
         assert entry["step_compression"] > 1.0 and entry["latency"] > 0 and entry["target_forwards"] < 64
         assert len(entry["acceptance_by_depth"]) == 16  # the default window
+        assert entry["node_tvd_mean"] > 0  # GSD is relaxed: its realised shift is measured and reported
     with pytest.raises(SystemExit) as e:
         cli.main(["generate_images", "--model", "demo", "--model_type", "sjd", "--gsd", "--lantern",
                   "--output_dir", str(tmp_path / "x"), "--num_images", "1"])
