@@ -20,6 +20,7 @@ residual bugs comes from the sibling tests.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -56,15 +57,37 @@ def _norm(v: list[float], fallback: list[float]) -> list[float]:
     return [x / s for x in v] if s > 1e-12 else list(fallback)
 
 
-def ref_chain(p, children, big_q, cfg: AcceptConfig, nb, mutation: str | None = None):
+def ref_static_caps(p, children, big_q, cfg: AcceptConfig, nb, mutation: str | None = None) -> list[int]:
+    """Static tree, node budget: per sibling the largest m ≤ k whose law (prefixes min(m, m*_j(δ)) on siblings
+    ≤ j, none after) is within δ of the exact rule's law given the same children (m = 0 always allowed)."""
+    exact = ref_node_law(p, children, big_q, AcceptConfig(), nb, mutation)
+    per_sibling = replace(cfg, budget="sibling")
+    caps: list[int] = []
+    for j in range(len(children)):
+        for m in range(cfg.k, -1, -1):
+            trial = caps + [m] + [0] * (len(children) - j - 1)
+            law = ref_node_law(p, children, big_q, per_sibling, nb, mutation, caps=trial)
+            if m == 0 or 0.5 * sum(abs(a - b) for a, b in zip(law, exact)) <= cfg.delta:
+                caps.append(m)
+                break
+    return caps
+
+
+def ref_chain(p, children, big_q, cfg: AcceptConfig, nb, mutation: str | None = None,
+              caps: list[int] | None = None):
     """One node's sibling process given its children -> (P(child j is the accepted one) per j,
-    P(no child accepted), the final residual). ``mutation`` switches on one of the bugs in ``MUTATIONS``."""
+    P(no child accepted), the final residual). ``mutation`` switches on one of the bugs in ``MUTATIONS``;
+    ``caps`` limits sibling j's aggregated prefix to caps[j] neighbours."""
     vocab = len(p)
+    if (caps is None and big_q is not None and cfg.relax == "lantern" and cfg.budget == "node"
+            and cfg.residual == "exact"):  # the static node budget: δ per sibling, prefixes capped
+        caps = ref_static_caps(p, children, big_q, cfg, nb, mutation)
+        cfg = replace(cfg, budget="sibling")
     r, reach, spent, accept_mass = list(p), 1.0, 0.0, []
     q_rem = list(big_q) if big_q is not None else None
     uniform = [1.0 / vocab] * vocab
     original = cfg.enabled and cfg.residual != "exact"
-    for x in children:
+    for j, x in enumerate(children):
         agg: list[int] = []  # N_1..N_{m*} on the current residual
         c = 0.0
         if cfg.enabled:
@@ -76,7 +99,7 @@ def ref_chain(p, children, big_q, cfg: AcceptConfig, nb, mutation: str | None = 
                 budget = (cfg.lam - 1.0) * r[x]
             for m in range(cfg.k):
                 y = nb[x][m]
-                if y < 0 or c + r[y] > budget:
+                if y < 0 or c + r[y] > budget or (caps is not None and m >= caps[j]):
                     break
                 c += r[y]
                 agg.append(y)
@@ -126,9 +149,9 @@ def ref_chain(p, children, big_q, cfg: AcceptConfig, nb, mutation: str | None = 
     return accept_mass, reach, r
 
 
-def ref_node_law(p, children, big_q, cfg, nb, mutation=None) -> list[float]:
+def ref_node_law(p, children, big_q, cfg, nb, mutation=None, caps=None) -> list[float]:
     """Exact law of the token one node emits."""
-    acc, reach, r = ref_chain(p, children, big_q, cfg, nb, mutation)
+    acc, reach, r = ref_chain(p, children, big_q, cfg, nb, mutation, caps)
     law = [reach * v for v in r]
     for x, a in zip(children, acc):
         law[x] += a

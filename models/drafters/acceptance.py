@@ -295,6 +295,80 @@ def _original_neighbour_mask(target_probs: torch.Tensor, cand: torch.Tensor, cfg
     return mask
 
 
+def _static_node_caps(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    children: torch.Tensor,
+    cfg: AcceptConfig,
+    neighbours: torch.Tensor,
+    child_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Static tree, ``budget="node"``: the prefix length m_j ≤ m*_j(δ) each sibling may aggregate (..., c).
+
+    Given the drawn children D, let O_exact(·|D) be the exact rule's output law and O_m the law with
+    relaxations m_1..m_j on siblings 1..j and none after. Greedy over j: m_j = the largest m ≤ m*_j(δ)
+    (LANTERN's prefix on the residual r_j of the chain with m_1..m_{j-1}) with TVD(O_m, O_exact(·|D)) ≤ δ.
+    m_j = 0 gives the previous step's law, which satisfied the bound (at j = 1: O_exact itself), so the
+    choice always exists, and after the last sibling TVD(O(·|D), O_exact(·|D)) ≤ δ for every D. All k + 1
+    candidate m's run through the rest of the chain at once (a leading dimension), so a node costs O(c²)
+    chain steps on (k + 1)-times larger tensors, sync-free.
+    """
+    dt, dev = target_probs.dtype, target_probs.device
+    k, delta = cfg.k, float(cfg.delta)
+    lead, c = children.shape[:-1], children.shape[-1]
+    ref = _sibling_chain(target_probs, draft_probs, children, AcceptConfig(), None, None, child_mask,
+                         sample=False, want_law=True)[2]
+
+    def step(r, q_rem, reach, law, x, valid, p_tilde, agg):
+        # one exact static step (as in _sibling_chain): accept min(1, p̃/q_j), residual normalise(max(0, P̃ − q_j))
+        q_j = _normalise_or(q_rem, q_rem)
+        q_x = q_j.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+        a = torch.where(q_x > 0, (p_tilde / q_x.clamp(min=_EPS)).clamp(max=1.0), (p_tilde > 0).to(dt))
+        relaxed = r.masked_fill(agg, 0.0).scatter(-1, x.unsqueeze(-1), p_tilde.unsqueeze(-1))
+        nxt = _normalise_or((relaxed - q_j).clamp(min=0.0), relaxed)
+        vr = valid.to(dt)
+        law = law.scatter_add(-1, x.unsqueeze(-1), (reach * a * vr).unsqueeze(-1))
+        reach = reach * (1.0 - a * vr)
+        r = torch.where(valid.unsqueeze(-1), nxt, r)
+        q_rem = torch.where(valid.unsqueeze(-1), q_rem.scatter(-1, x.unsqueeze(-1), 0.0), q_rem)
+        return r, q_rem, reach, law
+
+    def exact_step(r, q_rem, reach, law, x, valid):
+        p_x = r.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+        agg = torch.zeros(r.shape, dtype=torch.bool, device=dev).scatter_(-1, x.unsqueeze(-1), True)
+        return step(r, q_rem, reach, law, x, valid, p_x, agg)
+
+    ms = torch.arange(k + 1, device=dev).view((k + 1,) + (1,) * len(lead))  # candidate m's, leading dim
+    slot = torch.arange(k, device=dev)
+    caps = torch.zeros(children.shape, dtype=torch.long, device=dev)
+    r, q_rem = target_probs, draft_probs.to(dt)
+    reach = torch.ones(lead, dtype=dt, device=dev)
+    law = torch.zeros_like(target_probs)
+    for j in range(c):
+        x, valid = children[..., j].long(), child_mask[..., j]
+        p_x, _, _, nb, within = _relax_terms(r, x, neighbours, k, delta, None)  # LANTERN's prefix m*_j(δ)
+        nb_p = r.gather(-1, nb.clamp(min=0)) * (nb >= 0)
+        within_m = within & (slot < ms.unsqueeze(-1))  # (k+1, ..., k): prefix of length min(m, m*_j)
+        p_tilde = p_x + (nb_p * within_m).sum(-1)
+        expand = (k + 1,) + tuple(r.shape)
+        x_m, valid_m = x.expand((k + 1,) + tuple(lead)), valid.expand((k + 1,) + tuple(lead))
+        agg = _aggregate_mask(r.expand(expand), x_m, nb.expand((k + 1,) + tuple(nb.shape)), within_m)
+        state = step(r.expand(expand), q_rem.expand(expand), reach.expand((k + 1,) + tuple(lead)), law.expand(expand),
+                     x_m, valid_m, p_tilde, agg)
+        r_m, q_m, reach_m, law_m = state
+        for i in range(j + 1, c):  # the rest of the chain without relaxation, for every candidate at once
+            xi = children[..., i].long().expand((k + 1,) + tuple(lead))
+            r_m, q_m, reach_m, law_m = exact_step(r_m, q_m, reach_m, law_m, xi, child_mask[..., i].expand_as(xi))
+        tvd = 0.5 * (law_m + reach_m.unsqueeze(-1) * r_m - ref).abs().sum(-1)  # (k+1, ...)
+        ok = (tvd <= delta) | (ms == 0)  # m = 0 is the previous step's law (rounding aside)
+        cap = torch.where(valid, (ms * ok).amax(0), 0)
+        caps[..., j] = cap
+        pick = cap.unsqueeze(0)
+        r, q_rem, reach, law = (v.gather(0, pick.unsqueeze(-1).expand((1,) + tuple(v.shape[1:]))).squeeze(0)
+                                if v.dim() > len(lead) + 1 else v.gather(0, pick).squeeze(0) for v in state)
+    return caps
+
+
 def _sibling_chain(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor | None,
@@ -333,6 +407,10 @@ def _sibling_chain(
     node_budget = cfg.relax == "lantern" and cfg.budget == "node"
     original = cfg.enabled and cfg.residual != "exact"
     q_rem = draft_probs.to(dt) if static else None
+    caps = None
+    if static and node_budget and not original:  # the static node budget caps each sibling's prefix instead
+        caps = _static_node_caps(target_probs, draft_probs, children, cfg, neighbours, child_mask)
+        node_budget = False
     for j in range(children.shape[-1]):
         x = children[..., j].long()
         valid = child_mask[..., j]
@@ -346,6 +424,9 @@ def _sibling_chain(
                 budget = torch.where(reach > _EPS, (cfg.delta - spent).clamp(min=0.0) / reach.clamp(min=_EPS),
                                      torch.full_like(reach, float(cfg.delta)))
             p_x, c_star, m_star, nb, within = _relax_terms(r, x, neighbours, cfg.k, cfg.delta, cfg.lam, budget)
+            if caps is not None:  # static, budget="node": at most the prefix _static_node_caps allows
+                within = within & (torch.arange(cfg.k, device=dev) < caps[..., j, None])
+                c_star = (r.gather(-1, nb.clamp(min=0)) * (nb >= 0) * within).sum(-1)
             p_tilde = p_x + c_star
             agg = _aggregate_mask(r, x, nb, within)
         if static:
