@@ -19,6 +19,8 @@ residual bugs comes from the sibling tests.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import replace
 
@@ -31,6 +33,7 @@ from models.drafters.acceptance import (
     _sibling_chain,
     node_tvd,
     sibling_output_law,
+    static_sibling_test,
     verify_tree,
 )
 from models.drafters.tree import build_tree
@@ -387,9 +390,10 @@ def test_node_budget_bounds_the_node_tvd(delta):
     assert bool((law <= 3.0 * p + 1e-12).all())
 
 
-def test_node_budget_on_demo_distributions():
-    """The demo model's own next-token distributions, its neighbour table (k = 20) and its drafter-like
-    children (p's top 10 in rank order, then as a second case 10 codes at random)."""
+@functools.cache
+def _demo_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    """The demo model's own next-token distributions (256, 1024) along 4 sampled images, and its neighbour
+    table (k = 20)."""
     from models.drafters.neighbours import load_neighbour_table
     from models.generation import generate_ar
     from models.registry import REPO_ROOT, load_family
@@ -405,7 +409,13 @@ def test_node_budget_on_demo_distributions():
         generate_ar(family.target, prefix, family.num_image_tokens, sampling, torch.Generator().manual_seed(digit),
                     family.allowed_tokens, on_step=lambda i, logits, tok: rows.append(target_probs(logits, sampling)))
     p = torch.cat(rows).double()
-    p = p / p.sum(-1, keepdim=True)  # (256, 1024), float32 rounding removed
+    return p / p.sum(-1, keepdim=True), nb  # float32 rounding removed
+
+
+def test_node_budget_on_demo_distributions():
+    """The demo model's own next-token distributions, its neighbour table (k = 20) and its drafter-like
+    children (p's top 10 in rank order, then as a second case 10 codes at random)."""
+    p, nb = _demo_rows()
     gen = torch.Generator().manual_seed(0)
     for kids in (torch.topk(p, 10).indices, torch.argsort(torch.rand(p.shape, generator=gen), -1)[:, :10]):
         for delta in (0.1, 0.2, 0.4):
@@ -603,3 +613,110 @@ def test_static_relaxation_is_not_bounded_by_delta():
         marginal = (q[:, None] * laws).sum(0)  # child x drawn with probability Q(x)
         worst = max(worst, 0.5 * float((marginal - p).abs().sum()))
     assert worst > 2 * cfg.delta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The node-level budget on static trees: conditional on the draws, hence marginally, TVD ≤ δ
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _draw_sequences(q: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ordered draw of c children without replacement from Q, and its probability: (S, c), (S,)."""
+    seqs = list(itertools.permutations(range(q.numel()), c))
+    kids = torch.tensor(seqs)
+    qs = q[kids]  # (S, c)
+    before = torch.cat([torch.zeros(len(seqs), 1, dtype=q.dtype), qs.cumsum(-1)[:, :-1]], -1)
+    return kids, (qs / (1.0 - before)).prod(-1)
+
+
+def _static_case(gen: torch.Generator, vocab: int):
+    p = torch.softmax(3 * float(torch.rand(1, generator=gen)) * torch.randn(vocab, generator=gen, dtype=F64), 0)
+    q = torch.softmax(3 * float(torch.rand(1, generator=gen)) * torch.randn(vocab, generator=gen, dtype=F64), 0)
+    nb = torch.stack([(lambda perm: perm[perm != i])(torch.randperm(vocab, generator=gen)) for i in range(vocab)])
+    return p, q, nb
+
+
+def test_static_node_budget_bounds_the_marginal_tvd():
+    """Exact marginal law over all draw sequences (small vocabularies, 1-3 children; one case with 5 of 7 and
+    one with 8 of 8 codes): TVD from p ≤ δ with budget=node, > δ with the per-sibling budget somewhere, lossless
+    with relaxation off."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(vocab, c) for vocab in (4, 5, 6) for c in (1, 2, 3)] * 12 + [(7, 5), (8, 8)]
+    worst = {"sibling": 0.0, "node": 0.0}
+    relaxed_some = False
+    for vocab, c in shapes:
+        p, q, nb = _static_case(gen, vocab)
+        kids, weight = _draw_sequences(q, c)
+        assert abs(float(weight.sum()) - 1.0) < 1e-12
+        ps, qs = p.expand(len(kids), -1), q.expand(len(kids), -1)
+        off = (weight[:, None] * sibling_output_law(ps, kids, AcceptConfig(), nb, qs)).sum(0)
+        assert float((off - p).abs().max()) < 1e-12
+        for delta in (0.1, 0.3):
+            for budget in worst:
+                cfg = AcceptConfig(relax="lantern", k=3, delta=delta, budget=budget)
+                marginal = (weight[:, None] * sibling_output_law(ps, kids, cfg, nb, qs)).sum(0)
+                tvd = 0.5 * float((marginal - p).abs().sum())
+                worst[budget] = max(worst[budget], tvd / delta)
+                if budget == "node":
+                    assert tvd <= delta + 1e-9, (vocab, c, delta, tvd)
+                    relaxed_some |= tvd > 0.5 * delta
+    assert worst["sibling"] > 2.0, worst  # the per-sibling budget exceeds δ by far on static trees
+    assert relaxed_some, "the node budget should still relax"
+
+
+@pytest.mark.parametrize("delta", [0.05, 0.2, 0.4])
+def test_static_node_budget_bounds_the_conditional_tvd(delta):
+    """Given any drawn children (here 8 or 12 drawn from Q, 64 codes, k = 5 / 20), the relaxed law is within δ
+    of the exact rule's law given the same draws (what node_tvd reports for static nodes)."""
+    p, _, nb = _random_nodes(67, 300, 64, 1)
+    gen = torch.Generator().manual_seed(68)
+    q = torch.softmax(torch.log(p) + 1.5 * torch.randn(p.shape, generator=gen, dtype=F64), -1)  # a drafter near p
+    for c in (8, 12):
+        kids = torch.multinomial(q, c, replacement=False, generator=gen)
+        for k in (5, 20):
+            node = AcceptConfig(relax="lantern", k=k, delta=delta, budget="node")
+            t_node = node_tvd(p, kids, node, nb, q)
+            t_sib = node_tvd(p, kids, AcceptConfig(relax="lantern", k=k, delta=delta), nb, q)
+            assert float(t_node.max()) <= delta + 1e-12
+            assert float(t_sib.max()) > delta
+            assert float(t_node.mean()) > 0.2 * delta, "the node budget should still relax"
+    assert float(node_tvd(p, kids, AcceptConfig(), nb, q).max()) == 0.0
+
+
+def test_static_node_budget_on_demo_distributions():
+    """64 of the demo's own target rows and its neighbour table (k = 20); the drafter is the half-right mixture
+    Q = (p + p of the next position) / 2, 10 children drawn from it without replacement."""
+    p, nb = _demo_rows()
+    p = p[::4]  # 64 rows from along the 4 images (the static node budget costs O(c²·k) chain steps)
+    q = 0.5 * (p + p.roll(1, 0))
+    kids = torch.multinomial(q, 10, replacement=False, generator=torch.Generator().manual_seed(1))
+    for delta in (0.1, 0.4):
+        t_node = node_tvd(p, kids, AcceptConfig(relax="lantern", k=20, delta=delta, budget="node"), nb, q)
+        t_sib = node_tvd(p, kids, AcceptConfig(relax="lantern", k=20, delta=delta), nb, q)
+        assert float(t_node.max()) <= delta + 1e-9
+        assert float(t_sib.max()) > delta
+        assert float(t_node.mean()) > 0.0
+
+
+# (seed, vocab, number of children): cases where the node budget binds (its law differs from the per-sibling one)
+STATIC_NODE_MC = [(11, 6, 3), (15, 8, 4)]
+
+
+@pytest.mark.parametrize("seed,vocab,c", STATIC_NODE_MC)
+def test_static_node_budget_monte_carlo(seed, vocab, c):
+    """N_SIBLING runs of the real static_sibling_test with budget=node (then the residual when nothing passed)
+    vs the reference's exact law given the children; the test's power against the per-sibling rule's law is
+    computed (≥ 0.999) so a node budget that did nothing would be caught."""
+    p, q, nb = _static_case(torch.Generator().manual_seed(seed), vocab)
+    kids = torch.topk(q, c).indices  # Q's top codes: a positive-probability draw where siblings get rejected
+    cfg = AcceptConfig(relax="lantern", k=3, delta=0.2, budget="node")
+    exact = torch.tensor(ref_node_law(p.tolist(), kids.tolist(), q.tolist(), cfg, nb.tolist()), dtype=F64)
+    sib = torch.tensor(ref_node_law(p.tolist(), kids.tolist(), q.tolist(), replace(cfg, budget="sibling"),
+                                    nb.tolist()), dtype=F64)
+    assert torch.allclose(sibling_output_law(p, kids, cfg, nb, q), exact, atol=1e-12)
+    assert power_against(exact, sib, N_SIBLING) >= 0.999
+    n = N_SIBLING
+    gen = torch.Generator().manual_seed(seed + 100)
+    acc, res = static_sibling_test(p.expand(n, -1), q.expand(n, -1), kids.expand(n, -1), cfg, nb, gen)
+    out = torch.where(acc >= 0, kids[acc.clamp(min=0)], torch.multinomial(res, 1, generator=gen).squeeze(1))
+    assert chi2_pvalue(torch.bincount(out, minlength=vocab), exact) > ALPHA
