@@ -574,6 +574,13 @@ def test_engine_reports_node_tvd():
     assert 0.0 < stats["node"][0] <= 0.2 + 1e-6
     assert stats["sibling"][1] > 0.0
     assert stats["original"][1] > 0.0
+    # a static tree with the node budget: every node's shift (given its draws) ≤ δ, and it relaxes
+    static = TreeConfig(static_choices=((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)))
+    acc = AcceptConfig(relax="lantern", k=2, delta=0.2, budget="node")
+    dec = SpeculativeDecoder(target, drafter, 4, SamplingConfig(), 2.0, accept=acc, tree=static, neighbours=neighbours[:, :2])
+    gen = torch.Generator().manual_seed(0)
+    runs = [dec.generate(prefix, gen)[1].extra for _ in range(30)]
+    assert 0.0 < max(r.get("node_tvd_max", 0.0) for r in runs) <= 0.2 + 1e-6
 
 
 @pytest.mark.parametrize("flags,budget,residual,columns", [
@@ -599,6 +606,9 @@ def test_generate_images_flags_reach_the_rule(flags, budget, residual, columns):
         parse_setting("lantern:delta=0.2,budget=tree", 20, "mc_sim_7b_63")
     with pytest.raises(ValueError, match="lantern"):
         parse_setting("eagle2:budget=node", 20, "mc_sim_7b_63")
+    assert parse_setting("lantern:delta=0.2,static=1", 20, "mc_sim_7b_63")["static"] is True  # δ on a static tree
+    with pytest.raises(ValueError, match="static"):
+        parse_setting("lantern++:lam=2,static=1", 20, "mc_sim_7b_63")
 
 
 def test_static_relaxation_is_not_bounded_by_delta():

@@ -42,11 +42,25 @@ acceptance probability of sibling l, c*_j = p̃_j(x_j) − r_j(x_j) the mass mov
     node-level λ rule, nothing to carry over, so ``budget="node"`` with λ is the same rule as ``"sibling"``.
     Its TVD is Σ_j R_j·c*_j ≤ (λ−1)·Σ_j p(x_j).
 * static tree (children sampled from Q): the relaxed target P̃_x depends on the drawn x, so the stage's
-  marginal output is no longer P̃ of anything and **neither budget bounds the node's TVD** (exact enumeration
-  over the draws finds TVD > 2.5·δ for a single child, and the same worst cases with ``budget="node"``, which
-  uses R_j given the drawn children). λ's ratio bound O(y) ≤ λ·p(y) was not exceeded in the random cases of
-  ``tests/test_verify_law.py`` but is not proven. :func:`node_tvd` reports, per static node, TVD between the
-  relaxed and the exact rule's laws given the same draws; its mean over draws bounds the true TVD from above.
+  marginal output is no longer P̃ of anything and the carry-over argument above does not apply.
+  - ``budget="sibling"``: **not bounded** (exact enumeration over the draws finds marginal TVD > 2.5·δ for a
+    single child; the carry-over δ_j, which the static path used before, has the same worst cases).
+  - ``budget="node"`` (exact residual): **TVD(marginal O, p) ≤ δ at every node by construction**. Condition
+    on the drawn children D (known before the acceptance uniforms, so the rule may depend on them); let
+    O(·|D) and O₀(·|D) be the node's laws under the relaxed and the exact rule given D (both exact, by the
+    sibling chain). The exact rule is lossless, E_D[O₀(·|D)] = p, so by convexity of TVD
+    TVD(E_D O(·|D), p) ≤ E_D TVD(O(·|D), O₀(·|D)), and it suffices that TVD(O(·|D), O₀(·|D)) ≤ δ for
+    every D. :func:`_static_node_caps` ensures it greedily: for j = 1..c, sibling j aggregates the prefix
+    N_1..N_{m_j} with m_j the largest m ≤ m*_j(δ) (LANTERN's prefix on its residual r_j) such that the law
+    with prefixes m_1..m_j and no relaxation after j is within δ of O₀(·|D). m_j = 0 is always allowed
+    (it is the previous step's law, within δ; at j = 1 it is O₀ itself), so after the last sibling
+    TVD(O(·|D), O₀(·|D)) ≤ δ. Cost: every candidate m = 0..k runs through the rest of the chain at once
+    (a leading dimension), so a node takes O(c²) chain steps on (k + 1)-times larger tensors instead of c
+    steps — the slowest option, used only with ``relax="lantern", budget="node"`` on static trees.
+  - λ: the node budget is the per-sibling rule (as on dynamic trees); its ratio bound O(y) ≤ λ·p(y) was not
+    exceeded in the random cases of ``tests/test_verify_law.py`` but is not proven for static trees.
+  :func:`node_tvd` reports, per static node, TVD(O(·|D), O₀(·|D)) given the actual draws (≤ δ with
+  ``budget="node"``); its mean over draws bounds the node's marginal TVD from p from above.
 * ``residual="original*"``: no bound (the residual is not the speculative residual of P̃; measured shifts are
   several times δ).
 
@@ -109,8 +123,10 @@ class AcceptConfig:
         k: number of latent neighbours considered (``lantern_k``).
         delta: TVD budget δ in [0, 1] for ``"lantern"``.
         lam: ratio bound λ ≥ 1 for ``"lantern++"``.
-        budget: ``"sibling"`` (δ per sibling test, the original) or ``"node"`` (δ for the whole node: sibling j
-            gets (δ − Σ_{l<j} R_l·c*_l) / R_j). With λ both are the same rule (it bounds the node already).
+        budget: ``"sibling"`` (δ per sibling test, the original) or ``"node"`` (δ for the whole node; dynamic
+            trees: sibling j gets (δ − Σ_{l<j} R_l·c*_l) / R_j; static trees: each sibling's prefix is capped so
+            the law given the draws stays within δ of the exact rule's, see the module docstring). With λ
+            both are the same rule (it bounds the node already).
         residual: ``"exact"`` (the speculative residual of P̃), ``"original"`` / ``"original_lumina"`` (the
             original code's residuals, see the module docstring).
     """
@@ -387,7 +403,9 @@ def _sibling_chain(
     whatever the uniforms say; the sampled outcome is the first j with u_j < a_j. The same chain gives the
     node's exact output law  Σ_j R_j·a_j·δ_{x_j} + R_{c+1}·r_{c+1}  with R_j = Π_{l<j}(1 − a_l) (for static
     trees conditional on the drawn children). ``cfg.budget == "node"`` gives sibling j the TVD budget
-    δ_j = (δ − Σ_{l<j} R_l·c*_l) / R_j, so Σ_j R_j·c*_j ≤ δ.
+    δ_j = (δ − Σ_{l<j} R_l·c*_l) / R_j, so Σ_j R_j·c*_j ≤ δ; on static trees with the exact residual it
+    instead caps sibling j's prefix at m_j from :func:`_static_node_caps` (the budget δ per sibling, then
+    the cap), so the law given the children is within δ of the exact rule's.
     """
     static = draft_probs is not None
     r = target_probs
@@ -516,10 +534,12 @@ def static_sibling_test(
     With r_1 = p: q_j(x) = Q(x) / (1 − Σ_{l<j} Q(x_l)) on the not-yet-drawn support (0 on x_1..x_{j-1});
     P̃_j = relaxed target of x_j built on r_j; accept x_j with probability min(1, P̃_j(x_j) / q_j(x_j));
     on rejection r_{j+1} = normalise(max(0, P̃_j − q_j)) (``cfg.residual == "exact"``; the original's rules
-    are in the module docstring). Lossless when ``cfg`` is off.
+    are in the module docstring). Lossless when ``cfg`` is off. ``budget="node"`` (LANTERN δ) caps each
+    sibling's aggregated prefix so the node's law given these children is within δ of the exact rule's
+    (hence its marginal TVD from p ≤ δ; module docstring).
 
     A short loop over sibling rank (each step depends on the previous residual); vectorised over the leading
-    dims and V, sync-free.
+    dims and V, sync-free (the node budget adds O(c²) batched steps, see :func:`_static_node_caps`).
 
     Args:
         target_probs: (..., V) target p at the parent node(s).
@@ -564,9 +584,9 @@ def node_tvd(
     """Realised distribution shift (...,) of a node's emitted token, computed exactly (no sampling).
 
     Dynamic rule: TVD(law, p), the exact shift of the node's output law from the target. Static rule:
-    TVD(law, law₀), the relaxed and the exact rule's laws given the same drawn children; since the exact
-    rule's law averages to p over the draws, its mean over draws bounds the node's marginal TVD from p from
-    above (convexity), and it is 0 with relaxation off.
+    TVD(law, law₀), the relaxed and the exact rule's laws given the same drawn children (≤ δ with LANTERN's
+    ``budget="node"``); since the exact rule's law averages to p over the draws, its mean over draws bounds
+    the node's marginal TVD from p from above (convexity), and it is 0 with relaxation off.
     """
     law = sibling_output_law(target_probs, children, cfg, neighbours, draft_probs, child_mask)
     ref = target_probs if draft_probs is None else sibling_output_law(
