@@ -4,6 +4,8 @@ An independent plain-Python reference computes, by recursion over the sibling ch
 law of what a node / a tree emits, for every rule: exact and relaxed (LANTERN δ with the per-sibling or the
 node-level budget, LANTERN++ λ), dynamic and static trees, our residual and the original code's. Monte Carlo
 runs of the real functions must match it (chi-square, α = ``ALPHA``).
+On static trees the node-level budget's per-sibling prefix caps are found by brute force from their definition
+(:func:`ref_static_caps`), and its bound is checked on the exact *marginal* law over every ordered draw.
 
 Power. The reference also computes the laws of the one-line bugs listed in ``MUTATIONS``; for each test case
 the asymptotic power of its chi-square test against each bug is computed exactly from the noncentral
