@@ -12,7 +12,8 @@ the speed-up column compares each setting with plain AR at the same batch size.
 
 Setting syntax: ``NAME[:key=value,...]`` with NAME in ar, eagle2 (dynamic tree, exact), eagle1 (static tree,
 exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta, lam, tree, top_k_draft, depth,
-total_token, budget (node, the default | sibling), residual (exact | original | original_lumina). Example:
+total_token, budget (node, the default | sibling), residual (exact | original | original_lumina), static=1
+(lantern's δ on the static tree ``tree`` instead of a dynamic tree). Example:
 ``lantern:delta=0.2,k=20 lantern:delta=0.2,budget=sibling lantern++:lam=5,tree=naive_extend_57``.
 The per-node TVD columns are the realised shift of the emitted tokens (``VerifyResult.node_tvd``).
 Drafter-free (Speculative Jacobi Decoding, same engine): sjd, mc-sjd (maximal coupling), gsd (grouped acceptance
@@ -108,6 +109,10 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     for key in ("budget", "residual"):  # relaxation variants (models/drafters/acceptance.py)
         if key in opts:
             out[key] = opts.pop(key)
+    if "static" in opts:  # LANTERN's δ on a static tree
+        if name != "lantern" or opts["static"] not in ("0", "1"):
+            raise ValueError(f"{text!r}: static=0/1 applies to lantern only (lantern++ and eagle1 are static)")
+        out["static"] = opts.pop("static") == "1"
     if opts:
         raise ValueError(f"unknown options {sorted(opts)} in {text!r}")
     if name in ("lantern", "sjd+lantern") and "delta" not in out:
@@ -143,7 +148,7 @@ def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, ne
     from models.ea_model import SpeculativeDecoder, TreeConfig
 
     name = setting["name"]
-    static = name in ("eagle1", "lantern++")
+    static = name in ("eagle1", "lantern++") or setting.get("static", False)
     accept = AcceptConfig()
     if name in ("lantern", "sjd+lantern"):
         accept = AcceptConfig(relax="lantern", k=setting["k"], delta=setting["delta"])
