@@ -18,11 +18,15 @@ for AR) and the per-phase time split of a round, measured by the program (:mod:`
 
 Setting syntax: ``NAME[:key=value,...]`` with NAME in ar, eagle2 (dynamic tree, exact), eagle1 (static tree,
 exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta, lam, tree, top_k_draft, depth,
-total_token, budget (node, the default | sibling), residual (exact | original | original_lumina), compile (0 | 1: this
-setting on the torch.compile-d target, so eager and compiled run interleaved in one run), tvd (1 | 0: skip measuring
-the realised per-node TVD, same tokens, fewer ops). Example:
+total_token, budget (node, the default | sibling), residual (exact | original | original_lumina), static=1
+(lantern's δ on the static tree ``tree`` instead of a dynamic tree), compile (0 | 1: this setting on the
+torch.compile-d target, so eager and compiled run interleaved in one run), tvd (1 | 0: skip measuring the
+realised per-node TVD, same tokens, fewer ops). Example:
 ``lantern:delta=0.2,k=20 lantern:delta=0.2,budget=sibling lantern++:lam=5,tree=naive_extend_57``.
 The per-node TVD columns are the realised shift of the emitted tokens (``VerifyResult.node_tvd``).
+Drafter-free (Speculative Jacobi Decoding, same engine): sjd, mc-sjd (maximal coupling), gsd (grouped acceptance
+on SJD drafts; keys group, k, coupling=1 for MC-SJD drafts), sjd+lantern (δ), sjd+lantern++ (λ); key window
+(Jacobi window, default 16). Example: ``sjd mc-sjd gsd:group=10 sjd+lantern:delta=0.2``.
 """
 
 from __future__ import annotations
@@ -47,7 +51,13 @@ from entrypoints.common import (
     run_cli,
 )
 from entrypoints.outputs import check_output_dir
-from entrypoints.validation import check_counts, parse_number, validate_benchmark_setting, validate_sampling_args
+from entrypoints.validation import (
+    check_counts,
+    check_number,
+    parse_number,
+    validate_benchmark_setting,
+    validate_sampling_args,
+)
 from models.profiling import spread
 from models.registry import MODELS, REPO_ROOT
 
@@ -97,7 +107,7 @@ def parse_args() -> argparse.ArgumentParser:
 
 def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     name, _, rest = text.partition(":")
-    if name not in ("ar", "eagle2", "eagle1", "lantern", "lantern++"):
+    if name not in ("ar", "eagle2", "eagle1", "lantern", "lantern++") + JACOBI_SETTINGS:
         raise ValueError(f"unknown setting {name!r} in {text!r}")
     bad = [kv for kv in rest.split(",") if kv and "=" not in kv]
     if bad:
@@ -109,7 +119,7 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     for key in ("delta", "lam"):
         if key in opts:
             out[key] = parse_number(opts.pop(key), float, f"{what} {key}")
-    for key in ("top_k_draft", "depth", "total_token"):
+    for key in ("top_k_draft", "depth", "total_token", "window", "group", "coupling"):
         if key in opts:
             out[key] = parse_number(opts.pop(key), int, f"{what} {key}")
     for key in ("budget", "residual"):  # relaxation variants (models/drafters/acceptance.py)
@@ -121,21 +131,35 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
             if flag not in ("0", "1"):
                 raise UserError(f"setting {text!r}: {key} is 0 or 1, got {flag!r}")
             out[key] = flag == "1"
+    if "static" in opts:  # LANTERN's δ on a static tree
+        if name != "lantern" or opts["static"] not in ("0", "1"):
+            raise ValueError(f"{text!r}: static=0/1 applies to lantern only (lantern++ and eagle1 are static)")
+        out["static"] = opts.pop("static") == "1"
     if opts:
         raise ValueError(f"unknown options {sorted(opts)} in {text!r}")
-    if name == "lantern" and "delta" not in out:
+    if name in ("lantern", "sjd+lantern") and "delta" not in out:
         raise ValueError(f"{text!r}: lantern needs delta=...")
-    if name == "lantern++" and "lam" not in out:
+    if name in ("lantern++", "sjd+lantern++") and "lam" not in out:
         raise ValueError(f"{text!r}: lantern++ needs lam=...")
-    if ("budget" in out or "residual" in out) and not name.startswith("lantern"):
+    relaxed = name.removeprefix("sjd+") if name.removeprefix("sjd+").startswith("lantern") else None
+    if ("budget" in out or "residual" in out) and relaxed is None:
         raise ValueError(f"{text!r}: budget / residual apply to lantern and lantern++ only")
     validate_benchmark_setting(out)
-    if name.startswith("lantern"):  # the rule's own checks of the values, before any model loads
+    for key in ("window", "group"):  # the Jacobi settings' sizes
+        check_number(f"setting {text!r}: {key}", out.get(key), lo=1)
+    if relaxed:  # the rule's own checks of the values, before any model loads
         from models.drafters.acceptance import AcceptConfig
 
-        AcceptConfig(relax=name, k=out["k"], delta=out.get("delta"), lam=out.get("lam"),
+        AcceptConfig(relax=relaxed, k=out["k"], delta=out.get("delta"), lam=out.get("lam"),
                      budget=out.get("budget", DEFAULT_BUDGET), residual=out.get("residual", "exact"))
     return out
+
+
+JACOBI_SETTINGS = ("sjd", "mc-sjd", "gsd", "sjd+lantern", "sjd+lantern++")
+
+
+def needs_neighbours(name: str) -> bool:
+    return name.endswith("lantern") or name.endswith("lantern++") or name == "gsd"
 
 
 def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, neighbours, target=None):
@@ -146,18 +170,30 @@ def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, ne
     from models.ea_model import SpeculativeDecoder, TreeConfig
 
     name = setting["name"]
-    static = name in ("eagle1", "lantern++")
+    static = name in ("eagle1", "lantern++") or setting.get("static", False)
     accept = AcceptConfig()
-    if name == "lantern":
+    if name in ("lantern", "sjd+lantern"):
         accept = AcceptConfig(relax="lantern", k=setting["k"], delta=setting["delta"])
-    elif name == "lantern++":
+    elif name in ("lantern++", "sjd+lantern++"):
         accept = AcceptConfig(relax="lantern++", k=setting["k"], lam=setting["lam"])
     if accept.enabled:
         accept = replace(accept, budget=setting.get("budget", DEFAULT_BUDGET), residual=setting.get("residual", "exact"))
+    if name == "gsd":
+        from models.drafters.grouped import GroupedAcceptConfig
+
+        accept = GroupedAcceptConfig(k=setting["k"], group=setting.get("group", 10))
+    nb = neighbours[:, : accept.table_columns] if accept.enabled else None
+    if name in JACOBI_SETTINGS:  # drafter-free: the same round with the Jacobi proposer
+        from models.drafters.jacobi import SJD_DEFAULT_WINDOW, JacobiProposer
+
+        coupling = name == "mc-sjd" or bool(setting.get("coupling", 0))
+        proposer = JacobiProposer(setting.get("window", SJD_DEFAULT_WINDOW), coupling, sampling.greedy,
+                                  allowed_tokens=family.allowed_tokens)
+        return SpeculativeDecoder(target or family.target, None, family.num_image_tokens, sampling, cfg_scale, accept,
+                                  neighbours=nb, allowed_tokens=family.allowed_tokens, proposer=proposer)
     kw = {k: setting[k] for k in ("top_k_draft", "depth", "total_token") if k in setting}
     choices = tuple(tuple(c) for c in get_tree_choices(setting["tree"])) if static else None
     tree = TreeConfig(static_choices=choices, **kw)
-    nb = neighbours[:, : accept.table_columns] if accept.enabled else None
     dec = SpeculativeDecoder(target or family.target, drafter, family.num_image_tokens, sampling, cfg_scale, accept,
                              tree, nb, family.allowed_tokens)
     dec.measure_shift = setting.get("tvd", True)
@@ -192,9 +228,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         compile_target(family, args.compile_mode)
     settings = [parse_setting(s, args.lantern_k, args.tree_choices) for s in args.settings]
     drafter = neighbours = None
-    if any(s["name"] != "ar" for s in settings):
+    if any(s["name"] != "ar" and s["name"] not in JACOBI_SETTINGS for s in settings):
         drafter = load_drafter(resolve_path(spec, "drafter", args.drafter_path), device, dtype, family.target.config)
-    if any(s["name"].startswith("lantern") for s in settings):
+    if any(needs_neighbours(s["name"]) for s in settings):
         k = max(s["k"] + (s.get("residual", "exact") != "exact") for s in settings)  # original: k+1 columns
         neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=k,
                                           num_codes=getattr(family, "num_codes", None)).to(device)

@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from entrypoints.common import UserError, resolve_device, run_cli
+from entrypoints.common import UserError, add_threads_arg, apply_threads, resolve_device, run_cli
+from entrypoints.validation import check_counts
 
 DIGITS = "digits"  # --ref_dir keyword: scikit-learn's bundled digits (the demo's reference set)
 
@@ -53,6 +54,7 @@ def parse_args() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--output", default=None, help="JSON report (default: <fake_dir>/eval_fid_clip.json)")
     p.add_argument("--device", default=None)
+    add_threads_arg(p)
     return p
 
 
@@ -150,7 +152,10 @@ def run_eval_fid_clip(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_eval_fid_clip(parse_args().parse_args(argv))
+    args = parse_args().parse_args(argv)
+    check_counts(args, {"how_many": 1, "eval_res": 16, "kid_subset_size": 2, "batch_size": 1})  # before any weights or images are read
+    apply_threads(args.threads)
+    run_eval_fid_clip(args)
 
 
 if __name__ == "__main__":

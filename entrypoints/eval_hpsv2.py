@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from entrypoints.common import UserError, resolve_device, run_cli
+from entrypoints.common import UserError, add_threads_arg, apply_threads, resolve_device, run_cli
+from entrypoints.validation import check_counts
 
 
 def parse_args() -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ def parse_args() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--output", default=None, help="JSON report (default: <image_path>/eval_hpsv2.json)")
     p.add_argument("--device", default=None)
+    add_threads_arg(p)
     return p
 
 
@@ -57,7 +59,10 @@ def run_eval_hpsv2(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_eval_hpsv2(parse_args().parse_args(argv))
+    args = parse_args().parse_args(argv)
+    check_counts(args, {"batch_size": 1})  # before any weights or images are read
+    apply_threads(args.threads)
+    run_eval_hpsv2(args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from entrypoints.common import UserError, resolve_device, run_cli
+from entrypoints.common import UserError, add_threads_arg, apply_threads, resolve_device, run_cli
+from entrypoints.validation import check_counts
 
 DIGITS = "digits"
 
@@ -32,6 +33,7 @@ def parse_args() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
     p.add_argument("--output", default=None, help="JSON report (default: <fake_dir>/eval_prec_recall.json)")
     p.add_argument("--device", default=None)
+    add_threads_arg(p)
     return p
 
 
@@ -70,7 +72,10 @@ def run_eval_prec_recall(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_eval_prec_recall(parse_args().parse_args(argv))
+    args = parse_args().parse_args(argv)
+    check_counts(args, {"k": 1, "how_many": 1, "batch_size": 1})  # before any weights or images are read
+    apply_threads(args.threads)
+    run_eval_prec_recall(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""generate_images: text/class prompts -> PNG images with plain AR (base) or speculative decoding (eagle).
+"""generate_images: text/class prompts -> PNG images with plain AR (base), speculative decoding (eagle) or
+Speculative Jacobi Decoding (sjd, no drafter).
 
 Outputs in ``--output_dir`` (as the original): ``prompt_{idx}.png``, ``global_statistics_{start}_{end}.json``
 (per prompt: ``prompt``, ``latency``, ``step_compression`` and more) and ``generation_configs.json``.
@@ -46,7 +47,7 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, choices=list(MODELS),
                    help="model family / checkpoint set (default: demo; with neither --model nor --model_type the "
                    "demo runs with --model_type eagle --lantern)")
-    g.add_argument("--model_type", default=None, choices=["base", "eagle", "vllm"],
+    g.add_argument("--model_type", default=None, choices=["base", "eagle", "sjd", "vllm"],
                    help="decoding engine (default: base, see --model)")
     g.add_argument("--model_path", default=None, help="target checkpoint (file or folder); default: the ckpts/ layout")
     g.add_argument("--vq_path", default=None, help="VQ tokenizer checkpoint; default: the ckpts/ layout")
@@ -71,7 +72,7 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--save_tokens", action="store_true", help="also save the generated token ids (prompt_{idx}_tokens.npy)")
     g.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
     g.add_argument("--batch_size", type=int, default=1,
-                   help="prompts decoded together (2x rows with CFG), for base and eagle; with --set_seed an image's "
+                   help="prompts decoded together (2x rows with CFG), for base, eagle and sjd; with --set_seed an image's "
                    "tokens do not depend on it")
 
     g = p.add_argument_group("sampling")
@@ -114,6 +115,14 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--total_token", type=int, default=59, help="dynamic tree: nodes kept per tree (incl. the root)")
     g.add_argument("--drafter_top_k", type=int, default=None, help="restrict the drafter's distribution to its top-k")
     g.add_argument("--codebook_path", default=None, help="neighbour table for --lantern (generate_codebook output)")
+
+    g = p.add_argument_group("Speculative Jacobi Decoding (--model_type sjd; no drafter; --lantern flags apply too)")
+    g.add_argument("--sjd_window", type=int, default=16, help="Jacobi window: draft tokens verified per forward")
+    g.add_argument("--sjd_coupling", action="store_true", help="MC-SJD: maximal coupling of drafts across iterations")
+    g.add_argument("--gsd", action="store_true", help="GSD grouped acceptance (relaxed; needs the neighbour table)")
+    g.add_argument("--gsd_group", type=int, default=10, help="GSD: size of the dynamic set of most probable tokens")
+    g.add_argument("--gsd_k", type=int, default=None, help="GSD: neighbours of a draft that may join its group "
+                   "(default --lantern_k)")
     return p
 
 
@@ -131,7 +140,21 @@ RESUME_KEYS = ["model", "model_type", "model_path", "vq_path", "t5_path", "draft
                "prompt", "prompt_dir", "set_seed", "random_seed", "resolved_temperature", "resolved_top_k",
                "resolved_top_p", "resolved_cfg", "resolved_precision", "lantern", "lantern_k", "lantern_delta",
                "lantern_tvd", "lantern_lambda", "static_tree", "tree_choices", "eagle_version", "cfg_mode",
-               "top_k_draft", "depth", "total_token", "drafter_top_k", "lantern_budget", "lantern_residual"]
+               "top_k_draft", "depth", "total_token", "drafter_top_k", "lantern_budget", "lantern_residual",
+               "sjd_window", "sjd_coupling", "gsd", "gsd_group", "gsd_k"]
+
+
+def _validate_sjd_args(args: argparse.Namespace) -> None:
+    """The Jacobi and GSD flags (``--model_type sjd``; GSD also works on EAGLE trees)."""
+    from entrypoints.validation import check_number
+
+    check_number("--sjd_window", args.sjd_window, lo=1)
+    check_number("--gsd_group", args.gsd_group, lo=1)
+    check_number("--gsd_k", args.gsd_k, lo=1)
+    if args.gsd and args.model_type == "base":
+        raise UserError("--gsd (grouped acceptance) needs speculative decoding: add --model_type sjd")
+    if args.gsd and (args.lantern or args.lantern_tvd is not None or args.lantern_lambda is not None):
+        raise UserError("give --gsd or --lantern (LANTERN / LANTERN++), not both")
 
 DEFAULT_PROMPT_FILES = {"demo": "demo_digits.txt", "llamagen_c2i": "imagenet_classes.txt"}
 
@@ -178,6 +201,7 @@ def run_generate_image(args: argparse.Namespace) -> dict:
         raise UserError("--model_type vllm is not supported in this version (it needs the patched vLLM 0.6.3 of the "
                         "original); use base or eagle")
     validate_generate_args(args)
+    _validate_sjd_args(args)
     check_output_dir(args.output_dir)
     apply_threads(args.threads)
     from models.registry import load_family
@@ -198,7 +222,7 @@ def run_generate_image(args: argparse.Namespace) -> dict:
 
         compile_target(family, args.compile_mode)
     decoder = None
-    if args.model_type == "eagle":
+    if args.model_type in ("eagle", "sjd"):
         from models.ea_model import build_speculative_decoder
 
         decoder = build_speculative_decoder(family, args, sampling, cfg_scale)

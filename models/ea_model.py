@@ -14,6 +14,9 @@ One round:
 5. the accepted path's KV rows move into place in the pre-allocated cache (no recomputation) and its hidden
    states feed the drafter next round.
 
+A drafter-free proposer (Speculative Jacobi Decoding, :mod:`models.drafters.jacobi`) replaces steps 1–2 with a
+chain of the previous iteration's predictions and redrafts its window after step 4; steps 3–5 are shared.
+
 CFG runs through every stage: the drafter runs on the cond and uncond streams (same tokens, each stream's own
 target features) and its logits are combined with the same scale as the target's.
 
@@ -92,7 +95,7 @@ class SpeculativeDecoder:
     def __init__(
         self,
         target,
-        drafter: EagleDrafter,
+        drafter: EagleDrafter | None,
         num_tokens: int,
         sampling: SamplingConfig,
         cfg_scale: float,
@@ -100,9 +103,16 @@ class SpeculativeDecoder:
         tree: TreeConfig | None = None,
         neighbours: torch.Tensor | None = None,
         allowed_tokens: torch.Tensor | None = None,
+        proposer=None,
     ):
-        self.target, self.drafter, self.num_tokens = target, drafter, num_tokens
-        self.drafter_dtype = next(drafter.parameters()).dtype
+        """``proposer``: a drafter-free proposer (:class:`~models.drafters.jacobi.JacobiProposer`, SJD / MC-SJD)
+        that replaces the drafter's catch-up and tree building; everything else in the round is shared."""
+        if (drafter is None) == (proposer is None):
+            raise ValueError("give an EAGLE drafter or a proposer (SJD), exactly one")
+        self.target, self.drafter, self.num_tokens, self.proposer = target, drafter, num_tokens, proposer
+        self.drafter_dtype = next(drafter.parameters()).dtype if drafter is not None else None
+        if proposer is not None:
+            proposer.greedy = sampling.greedy  # greedy Jacobi drafts are argmaxes; sampled ones are draws from q
         self.sampling, self.cfg_scale = sampling, cfg_scale
         self.accept = accept or AcceptConfig()
         self.tree_cfg = tree or TreeConfig()
@@ -256,9 +266,13 @@ class SpeculativeDecoder:
         target, n_tok = self.target, self.num_tokens
         t, dev, streams, batch = prefix.length, prefix.embeddings.device, prefix.streams, prefix.batch_size
         check_generators(generator, batch)
-        max_len = t + n_tok + self.tree_cfg.max_nodes + 1
+        max_nodes = self.proposer.max_nodes if self.proposer is not None else self.tree_cfg.max_nodes
+        max_len = t + n_tok + max_nodes + 1
         tcache = target.new_cache(prefix.rows, max_len)
-        dcache = self.drafter.new_cache(prefix.rows, t + n_tok + self.tree_cfg.drafter_slots + 1)
+        dcache = (self.drafter.new_cache(prefix.rows, t + n_tok + self.tree_cfg.drafter_slots + 1)
+                  if self.drafter is not None else None)
+        if self.proposer is not None:
+            self.proposer.reset()
         keys = key_validity(prefix, max_len)  # (rows, max_len) prefix validity; generated slots True
 
         self._prefix_len = t
@@ -291,24 +305,28 @@ class SpeculativeDecoder:
             gens = generator if generator is None or isinstance(generator, torch.Generator) else [
                 generator[b] for b in active]
             rows = keys.shape[0]
-            # 1. drafter catch-up, every row at its own slots/positions dlen + j (padded entries are discarded)
-            m = pend_ids.shape[1]
-            pos = dlen.repeat(streams)[:, None] + torch.arange(m, device=dev)  # (rows, m)
-            kv = int(pos.max()) + 1
-            slot = torch.arange(kv, device=dev)
-            dmask = (keys[:, None, :kv] & (slot <= pos[:, :, None])) | (slot == pos[:, :, None])
-            h_d = self._run_drafter(pend_feat, pend_ids, pos, dcache, pos, dmask[:, None])
-            last = (pend_len - 1).repeat(streams)
-            h_root = h_d[torch.arange(rows, device=dev), last][:, None]  # (rows, 1, H)
-            dlen = lengths.clone()
-            if prof is not None:
-                prof.mark("tree")
-            # 2. trees, written from the longest committed length on (shared slots)
             slot0 = int(lengths.max())
             pos_rows = lengths.repeat(streams)
             prefix_keys = keys[:, :slot0] & (torch.arange(slot0, device=dev) < pos_rows[:, None])
             roots_active = torch.cat([o[-1][-1:] for o in (outs[b] for b in active)])
-            trees = build(roots_active, h_root, pos_rows, slot0, dcache, prefix_keys, gens)
+            if self.proposer is not None:  # 1-2. drafter-free chains (SJD): the previous iteration's predictions
+                trees = self.proposer.propose(active, roots_active, [n_out[b] for b in active],
+                                              [n_tok - n_out[b] for b in active], gens, target.lm_head.weight.shape[0])
+            else:
+                # 1. drafter catch-up, every row at its own slots/positions dlen + j (padded entries are discarded)
+                m = pend_ids.shape[1]
+                pos = dlen.repeat(streams)[:, None] + torch.arange(m, device=dev)  # (rows, m)
+                kv = int(pos.max()) + 1
+                slot = torch.arange(kv, device=dev)
+                dmask = (keys[:, None, :kv] & (slot <= pos[:, :, None])) | (slot == pos[:, :, None])
+                h_d = self._run_drafter(pend_feat, pend_ids, pos, dcache, pos, dmask[:, None])
+                last = (pend_len - 1).repeat(streams)
+                h_root = h_d[torch.arange(rows, device=dev), last][:, None]  # (rows, 1, H)
+                dlen = lengths.clone()
+                if prof is not None:
+                    prof.mark("tree")
+                # 2. trees, written from the longest committed length on (shared slots)
+                trees = build(roots_active, h_root, pos_rows, slot0, dcache, prefix_keys, gens)
             # 3. one target forward over every prompt's tree (trees padded to the largest node count)
             if prof is not None:
                 prof.mark("target")
@@ -326,8 +344,13 @@ class SpeculativeDecoder:
             # 4. verify every prompt's tree with its own random stream
             if prof is not None:
                 prof.mark("verify")
-            results = [verify_tree(tr, probs[i, : tr.num_nodes], self.accept, self.neighbours, greedy,
-                                   prompt_generator(gens, i), self.measure_shift) for i, tr in enumerate(trees)]
+            if self.proposer is not None:
+                results = [self.proposer.verify(tr, probs[i, : tr.num_nodes], self.accept, self.neighbours, greedy,
+                                                prompt_generator(gens, i)) for i, tr in enumerate(trees)]
+                self.proposer.update(active, trees, results, probs, gens)  # redraft the rest of every window
+            else:
+                results = [verify_tree(tr, probs[i, : tr.num_nodes], self.accept, self.neighbours, greedy,
+                                       prompt_generator(gens, i), self.measure_shift) for i, tr in enumerate(trees)]
             # 5. commit: each prompt's accepted path moves to the end of its own committed prefix
             if prof is not None:
                 prof.mark("commit")
@@ -340,7 +363,7 @@ class SpeculativeDecoder:
             for b, tr, res in zip(active, trees, results):
                 new = torch.cat([tr.tokens[res.path[1:]], res.next_token.view(1)])
                 outs[b].append(new)
-                per[b]["image_counts"].append(int((~forced[n_out[b] : n_out[b] + new.numel()]).sum()))
+                per[b]["image_counts"].append(new.numel() - int(forced[n_out[b] : n_out[b] + new.numel()].sum()))
                 n_out[b] += new.numel()
                 new_ids.append(_pad_last(new, a_max))
                 st = per[b]
@@ -358,7 +381,8 @@ class SpeculativeDecoder:
                 kb = torch.tensor(keep, dtype=torch.long, device=dev)
                 krows = torch.cat([kb + s * len(active) for s in range(streams)])
                 for cache in (tcache, dcache):
-                    cache.select_batch(krows)
+                    if cache is not None:
+                        cache.select_batch(krows)
                 keys, pend_feat = keys[krows], pend_feat[krows]
                 pend_ids, pend_len, lengths, dlen = pend_ids[krows], pend_len[kb], lengths[kb], dlen[kb]
                 active = [active[i] for i in keep]
@@ -446,32 +470,51 @@ def _add_padded(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def build_speculative_decoder(family, args, sampling: SamplingConfig, cfg_scale: float) -> SpeculativeDecoder:
-    """The decoder the ``generate_images --model_type eagle`` flags describe."""
-    from models.drafters.choices import get_tree_choices
-    from models.drafters.cnets import load_drafter
+def accept_from_args(args, spec, device, family=None) -> tuple[AcceptConfig, torch.Tensor | None]:
+    """The acceptance rule the command line describes (exact, LANTERN δ, LANTERN++ λ, or GSD with ``--gsd``)
+    and the neighbour table it needs (None for the exact rule)."""
     from models.drafters.neighbours import load_neighbour_table
-    from models.registry import get_spec, resolve_path
+    from models.registry import resolve_path
 
-    spec = get_spec(args.model)
-    target = family.target
-    param = target.lm_head.weight
-    drafter = load_drafter(resolve_path(spec, "drafter", args.drafter_path), param.device, param.dtype, target.config)
-    if getattr(args, "lantern_tvd", None) is not None:
+    if getattr(args, "gsd", False):
+        from models.drafters.grouped import GroupedAcceptConfig
+
+        accept = GroupedAcceptConfig(k=args.gsd_k or args.lantern_k, group=args.gsd_group)
+    elif getattr(args, "lantern_tvd", None) is not None:
         accept = AcceptConfig(relax="lantern", k=args.lantern_k, delta=args.lantern_tvd)
     elif getattr(args, "lantern_lambda", None) is not None:
         accept = AcceptConfig(relax="lantern++", k=args.lantern_k, lam=args.lantern_lambda)
     else:
         accept = AcceptConfig.from_original_flags(args.lantern, args.lantern_k, args.lantern_delta)
-    if accept.enabled:  # --lantern_budget / --lantern_residual (issue 13)
+    if accept.relax is not None:  # --lantern_budget / --lantern_residual (issue 13); not for GSD
         accept = replace(accept, budget=getattr(args, "lantern_budget", "sibling"),
                          residual=getattr(args, "lantern_residual", "exact"))
     neighbours = None
     if accept.enabled:
         neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.table_columns,
-                                          num_codes=getattr(family, "num_codes", None)).to(param.device)
+                                          num_codes=getattr(family, "num_codes", None)).to(device)
         if hasattr(family, "neighbours_for_engine"):  # tables are in VQ indices; Chameleon's tokens are not
             neighbours = family.neighbours_for_engine(neighbours)
+    return accept, neighbours
+
+
+def build_speculative_decoder(family, args, sampling: SamplingConfig, cfg_scale: float) -> SpeculativeDecoder:
+    """The decoder the ``generate_images --model_type eagle`` (or ``sjd``: no drafter) flags describe."""
+    from models.drafters.choices import get_tree_choices
+    from models.drafters.cnets import load_drafter
+    from models.registry import get_spec, resolve_path
+
+    spec = get_spec(args.model)
+    target = family.target
+    param = target.lm_head.weight
+    accept, neighbours = accept_from_args(args, spec, param.device, family)
+    if args.model_type == "sjd":  # Speculative Jacobi Decoding: the same round with a drafter-free proposer
+        from models.drafters.jacobi import JacobiProposer
+
+        proposer = JacobiProposer(args.sjd_window, args.sjd_coupling, sampling.greedy, allowed_tokens=family.allowed_tokens)
+        return SpeculativeDecoder(target, None, family.num_image_tokens, sampling, cfg_scale, accept,
+                                  neighbours=neighbours, allowed_tokens=family.allowed_tokens, proposer=proposer)
+    drafter = load_drafter(resolve_path(spec, "drafter", args.drafter_path), param.device, param.dtype, target.config)
     static = args.static_tree or args.eagle_version == 1
     choices = tuple(tuple(c) for c in get_tree_choices(args.tree_choices)) if static else None
     tree = TreeConfig(static_choices=choices, top_k_draft=args.top_k_draft, depth=args.depth,

@@ -124,6 +124,14 @@ def test_benchmark_and_pipeline_flags(tmp_path, capsys):
                    "--num_samples", "-2"], "--num_samples -2")
 
 
+
+def test_evaluation_flags(tmp_path, capsys):
+    d = str(tmp_path)
+    fails(capsys, ["eval_prec_recall", "--fake_dir", d, "--ref_dir", "digits", "--k", "0"], "--k 0")
+    fails(capsys, ["eval_fid_clip", "--fake_dir", d, "--ref_dir", "digits", "--batch_size", "0"], "--batch_size 0")
+    fails(capsys, ["eval_fid_clip", "--fake_dir", d, "--ref_dir", "digits", "--how_many", "-1"], "--how_many -1")
+    fails(capsys, ["eval_hpsv2", "--image_path", d, "--prompt_path", d, "--threads", "0"], "--threads 0")
+
 # ---------------------------------------------------------------------------------------------------
 # corrupt, empty and foreign files
 

@@ -4,6 +4,8 @@ An independent plain-Python reference computes, by recursion over the sibling ch
 law of what a node / a tree emits, for every rule: exact and relaxed (LANTERN δ with the per-sibling or the
 node-level budget, LANTERN++ λ), dynamic and static trees, our residual and the original code's. Monte Carlo
 runs of the real functions must match it (chi-square, α = ``ALPHA``).
+On static trees the node-level budget's per-sibling prefix caps are found by brute force from their definition
+(:func:`ref_static_caps`), and its bound is checked on the exact *marginal* law over every ordered draw.
 
 Power. The reference also computes the laws of the one-line bugs listed in ``MUTATIONS``; for each test case
 the asymptotic power of its chi-square test against each bug is computed exactly from the noncentral
@@ -19,7 +21,10 @@ residual bugs comes from the sibling tests.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -30,6 +35,7 @@ from models.drafters.acceptance import (
     _sibling_chain,
     node_tvd,
     sibling_output_law,
+    static_sibling_test,
     verify_tree,
 )
 from models.drafters.tree import build_tree
@@ -56,15 +62,37 @@ def _norm(v: list[float], fallback: list[float]) -> list[float]:
     return [x / s for x in v] if s > 1e-12 else list(fallback)
 
 
-def ref_chain(p, children, big_q, cfg: AcceptConfig, nb, mutation: str | None = None):
+def ref_static_caps(p, children, big_q, cfg: AcceptConfig, nb, mutation: str | None = None) -> list[int]:
+    """Static tree, node budget: per sibling the largest m ≤ k whose law (prefixes min(m, m*_j(δ)) on siblings
+    ≤ j, none after) is within δ of the exact rule's law given the same children (m = 0 always allowed)."""
+    exact = ref_node_law(p, children, big_q, AcceptConfig(), nb, mutation)
+    per_sibling = replace(cfg, budget="sibling")
+    caps: list[int] = []
+    for j in range(len(children)):
+        for m in range(cfg.k, -1, -1):
+            trial = caps + [m] + [0] * (len(children) - j - 1)
+            law = ref_node_law(p, children, big_q, per_sibling, nb, mutation, caps=trial)
+            if m == 0 or 0.5 * sum(abs(a - b) for a, b in zip(law, exact)) <= cfg.delta:
+                caps.append(m)
+                break
+    return caps
+
+
+def ref_chain(p, children, big_q, cfg: AcceptConfig, nb, mutation: str | None = None,
+              caps: list[int] | None = None):
     """One node's sibling process given its children -> (P(child j is the accepted one) per j,
-    P(no child accepted), the final residual). ``mutation`` switches on one of the bugs in ``MUTATIONS``."""
+    P(no child accepted), the final residual). ``mutation`` switches on one of the bugs in ``MUTATIONS``;
+    ``caps`` limits sibling j's aggregated prefix to caps[j] neighbours."""
     vocab = len(p)
+    if (caps is None and big_q is not None and cfg.relax == "lantern" and cfg.budget == "node"
+            and cfg.residual == "exact"):  # the static node budget: δ per sibling, prefixes capped
+        caps = ref_static_caps(p, children, big_q, cfg, nb, mutation)
+        cfg = replace(cfg, budget="sibling")
     r, reach, spent, accept_mass = list(p), 1.0, 0.0, []
     q_rem = list(big_q) if big_q is not None else None
     uniform = [1.0 / vocab] * vocab
     original = cfg.enabled and cfg.residual != "exact"
-    for x in children:
+    for j, x in enumerate(children):
         agg: list[int] = []  # N_1..N_{m*} on the current residual
         c = 0.0
         if cfg.enabled:
@@ -76,7 +104,7 @@ def ref_chain(p, children, big_q, cfg: AcceptConfig, nb, mutation: str | None = 
                 budget = (cfg.lam - 1.0) * r[x]
             for m in range(cfg.k):
                 y = nb[x][m]
-                if y < 0 or c + r[y] > budget:
+                if y < 0 or c + r[y] > budget or (caps is not None and m >= caps[j]):
                     break
                 c += r[y]
                 agg.append(y)
@@ -126,9 +154,9 @@ def ref_chain(p, children, big_q, cfg: AcceptConfig, nb, mutation: str | None = 
     return accept_mass, reach, r
 
 
-def ref_node_law(p, children, big_q, cfg, nb, mutation=None) -> list[float]:
+def ref_node_law(p, children, big_q, cfg, nb, mutation=None, caps=None) -> list[float]:
     """Exact law of the token one node emits."""
-    acc, reach, r = ref_chain(p, children, big_q, cfg, nb, mutation)
+    acc, reach, r = ref_chain(p, children, big_q, cfg, nb, mutation, caps)
     law = [reach * v for v in r]
     for x, a in zip(children, acc):
         law[x] += a
@@ -364,9 +392,10 @@ def test_node_budget_bounds_the_node_tvd(delta):
     assert bool((law <= 3.0 * p + 1e-12).all())
 
 
-def test_node_budget_on_demo_distributions():
-    """The demo model's own next-token distributions, its neighbour table (k = 20) and its drafter-like
-    children (p's top 10 in rank order, then as a second case 10 codes at random)."""
+@functools.cache
+def _demo_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    """The demo model's own next-token distributions (256, 1024) along 4 sampled images, and its neighbour
+    table (k = 20)."""
     from models.drafters.neighbours import load_neighbour_table
     from models.generation import generate_ar
     from models.registry import REPO_ROOT, load_family
@@ -382,7 +411,13 @@ def test_node_budget_on_demo_distributions():
         generate_ar(family.target, prefix, family.num_image_tokens, sampling, torch.Generator().manual_seed(digit),
                     family.allowed_tokens, on_step=lambda i, logits, tok: rows.append(target_probs(logits, sampling)))
     p = torch.cat(rows).double()
-    p = p / p.sum(-1, keepdim=True)  # (256, 1024), float32 rounding removed
+    return p / p.sum(-1, keepdim=True), nb  # float32 rounding removed
+
+
+def test_node_budget_on_demo_distributions():
+    """The demo model's own next-token distributions, its neighbour table (k = 20) and its drafter-like
+    children (p's top 10 in rank order, then as a second case 10 codes at random)."""
+    p, nb = _demo_rows()
     gen = torch.Generator().manual_seed(0)
     for kids in (torch.topk(p, 10).indices, torch.argsort(torch.rand(p.shape, generator=gen), -1)[:, :10]):
         for delta in (0.1, 0.2, 0.4):
@@ -541,6 +576,13 @@ def test_engine_reports_node_tvd():
     assert 0.0 < stats["node"][0] <= 0.2 + 1e-6
     assert stats["sibling"][1] > 0.0
     assert stats["original"][1] > 0.0
+    # a static tree with the node budget: every node's shift (given its draws) ≤ δ, and it relaxes
+    static = TreeConfig(static_choices=((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)))
+    acc = AcceptConfig(relax="lantern", k=2, delta=0.2, budget="node")
+    dec = SpeculativeDecoder(target, drafter, 4, SamplingConfig(), 2.0, accept=acc, tree=static, neighbours=neighbours[:, :2])
+    gen = torch.Generator().manual_seed(0)
+    runs = [dec.generate(prefix, gen)[1].extra for _ in range(30)]
+    assert 0.0 < max(r.get("node_tvd_max", 0.0) for r in runs) <= 0.2 + 1e-6
 
 
 @pytest.mark.parametrize("flags,budget,residual,columns", [
@@ -566,6 +608,9 @@ def test_generate_images_flags_reach_the_rule(flags, budget, residual, columns):
         parse_setting("lantern:delta=0.2,budget=tree", 20, "mc_sim_7b_63")
     with pytest.raises(ValueError, match="lantern"):
         parse_setting("eagle2:budget=node", 20, "mc_sim_7b_63")
+    assert parse_setting("lantern:delta=0.2,static=1", 20, "mc_sim_7b_63")["static"] is True  # δ on a static tree
+    with pytest.raises(ValueError, match="static"):
+        parse_setting("lantern++:lam=2,static=1", 20, "mc_sim_7b_63")
 
 
 def test_static_relaxation_is_not_bounded_by_delta():
@@ -580,3 +625,110 @@ def test_static_relaxation_is_not_bounded_by_delta():
         marginal = (q[:, None] * laws).sum(0)  # child x drawn with probability Q(x)
         worst = max(worst, 0.5 * float((marginal - p).abs().sum()))
     assert worst > 2 * cfg.delta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The node-level budget on static trees: conditional on the draws, hence marginally, TVD ≤ δ
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _draw_sequences(q: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ordered draw of c children without replacement from Q, and its probability: (S, c), (S,)."""
+    seqs = list(itertools.permutations(range(q.numel()), c))
+    kids = torch.tensor(seqs)
+    qs = q[kids]  # (S, c)
+    before = torch.cat([torch.zeros(len(seqs), 1, dtype=q.dtype), qs.cumsum(-1)[:, :-1]], -1)
+    return kids, (qs / (1.0 - before)).prod(-1)
+
+
+def _static_case(gen: torch.Generator, vocab: int):
+    p = torch.softmax(3 * float(torch.rand(1, generator=gen)) * torch.randn(vocab, generator=gen, dtype=F64), 0)
+    q = torch.softmax(3 * float(torch.rand(1, generator=gen)) * torch.randn(vocab, generator=gen, dtype=F64), 0)
+    nb = torch.stack([(lambda perm: perm[perm != i])(torch.randperm(vocab, generator=gen)) for i in range(vocab)])
+    return p, q, nb
+
+
+def test_static_node_budget_bounds_the_marginal_tvd():
+    """Exact marginal law over all draw sequences (small vocabularies, 1-3 children; one case with 5 of 7 and
+    one with 8 of 8 codes): TVD from p ≤ δ with budget=node, > δ with the per-sibling budget somewhere, lossless
+    with relaxation off."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(vocab, c) for vocab in (4, 5, 6) for c in (1, 2, 3)] * 12 + [(7, 5), (8, 8)]
+    worst = {"sibling": 0.0, "node": 0.0}
+    relaxed_some = False
+    for vocab, c in shapes:
+        p, q, nb = _static_case(gen, vocab)
+        kids, weight = _draw_sequences(q, c)
+        assert abs(float(weight.sum()) - 1.0) < 1e-12
+        ps, qs = p.expand(len(kids), -1), q.expand(len(kids), -1)
+        off = (weight[:, None] * sibling_output_law(ps, kids, AcceptConfig(), nb, qs)).sum(0)
+        assert float((off - p).abs().max()) < 1e-12
+        for delta in (0.1, 0.3):
+            for budget in worst:
+                cfg = AcceptConfig(relax="lantern", k=3, delta=delta, budget=budget)
+                marginal = (weight[:, None] * sibling_output_law(ps, kids, cfg, nb, qs)).sum(0)
+                tvd = 0.5 * float((marginal - p).abs().sum())
+                worst[budget] = max(worst[budget], tvd / delta)
+                if budget == "node":
+                    assert tvd <= delta + 1e-9, (vocab, c, delta, tvd)
+                    relaxed_some |= tvd > 0.5 * delta
+    assert worst["sibling"] > 2.0, worst  # the per-sibling budget exceeds δ by far on static trees
+    assert relaxed_some, "the node budget should still relax"
+
+
+@pytest.mark.parametrize("delta", [0.05, 0.2, 0.4])
+def test_static_node_budget_bounds_the_conditional_tvd(delta):
+    """Given any drawn children (here 8 or 12 drawn from Q, 64 codes, k = 5 / 20), the relaxed law is within δ
+    of the exact rule's law given the same draws (what node_tvd reports for static nodes)."""
+    p, _, nb = _random_nodes(67, 300, 64, 1)
+    gen = torch.Generator().manual_seed(68)
+    q = torch.softmax(torch.log(p) + 1.5 * torch.randn(p.shape, generator=gen, dtype=F64), -1)  # a drafter near p
+    for c in (8, 12):
+        kids = torch.multinomial(q, c, replacement=False, generator=gen)
+        for k in (5, 20):
+            node = AcceptConfig(relax="lantern", k=k, delta=delta, budget="node")
+            t_node = node_tvd(p, kids, node, nb, q)
+            t_sib = node_tvd(p, kids, AcceptConfig(relax="lantern", k=k, delta=delta), nb, q)
+            assert float(t_node.max()) <= delta + 1e-12
+            assert float(t_sib.max()) > delta
+            assert float(t_node.mean()) > 0.2 * delta, "the node budget should still relax"
+    assert float(node_tvd(p, kids, AcceptConfig(), nb, q).max()) == 0.0
+
+
+def test_static_node_budget_on_demo_distributions():
+    """64 of the demo's own target rows and its neighbour table (k = 20); the drafter is the half-right mixture
+    Q = (p + p of the next position) / 2, 10 children drawn from it without replacement."""
+    p, nb = _demo_rows()
+    p = p[::4]  # 64 rows from along the 4 images (the static node budget costs O(c²·k) chain steps)
+    q = 0.5 * (p + p.roll(1, 0))
+    kids = torch.multinomial(q, 10, replacement=False, generator=torch.Generator().manual_seed(1))
+    for delta in (0.1, 0.4):
+        t_node = node_tvd(p, kids, AcceptConfig(relax="lantern", k=20, delta=delta, budget="node"), nb, q)
+        t_sib = node_tvd(p, kids, AcceptConfig(relax="lantern", k=20, delta=delta), nb, q)
+        assert float(t_node.max()) <= delta + 1e-9
+        assert float(t_sib.max()) > delta
+        assert float(t_node.mean()) > 0.0
+
+
+# (seed, vocab, number of children): cases where the node budget binds (its law differs from the per-sibling one)
+STATIC_NODE_MC = [(11, 6, 3), (15, 8, 4)]
+
+
+@pytest.mark.parametrize("seed,vocab,c", STATIC_NODE_MC)
+def test_static_node_budget_monte_carlo(seed, vocab, c):
+    """N_SIBLING runs of the real static_sibling_test with budget=node (then the residual when nothing passed)
+    vs the reference's exact law given the children; the test's power against the per-sibling rule's law is
+    computed (≥ 0.999) so a node budget that did nothing would be caught."""
+    p, q, nb = _static_case(torch.Generator().manual_seed(seed), vocab)
+    kids = torch.topk(q, c).indices  # Q's top codes: a positive-probability draw where siblings get rejected
+    cfg = AcceptConfig(relax="lantern", k=3, delta=0.2, budget="node")
+    exact = torch.tensor(ref_node_law(p.tolist(), kids.tolist(), q.tolist(), cfg, nb.tolist()), dtype=F64)
+    sib = torch.tensor(ref_node_law(p.tolist(), kids.tolist(), q.tolist(), replace(cfg, budget="sibling"),
+                                    nb.tolist()), dtype=F64)
+    assert torch.allclose(sibling_output_law(p, kids, cfg, nb, q), exact, atol=1e-12)
+    assert power_against(exact, sib, N_SIBLING) >= 0.999
+    n = N_SIBLING
+    gen = torch.Generator().manual_seed(seed + 100)
+    acc, res = static_sibling_test(p.expand(n, -1), q.expand(n, -1), kids.expand(n, -1), cfg, nb, gen)
+    out = torch.where(acc >= 0, kids[acc.clamp(min=0)], torch.multinomial(res, 1, generator=gen).squeeze(1))
+    assert chi2_pvalue(torch.bincount(out, minlength=vocab), exact) > ALPHA

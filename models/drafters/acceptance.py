@@ -42,11 +42,25 @@ acceptance probability of sibling l, c*_j = p̃_j(x_j) − r_j(x_j) the mass mov
     node-level λ rule, nothing to carry over, so ``budget="node"`` with λ is the same rule as ``"sibling"``.
     Its TVD is Σ_j R_j·c*_j ≤ (λ−1)·Σ_j p(x_j).
 * static tree (children sampled from Q): the relaxed target P̃_x depends on the drawn x, so the stage's
-  marginal output is no longer P̃ of anything and **neither budget bounds the node's TVD** (exact enumeration
-  over the draws finds TVD > 2.5·δ for a single child, and the same worst cases with ``budget="node"``, which
-  uses R_j given the drawn children). λ's ratio bound O(y) ≤ λ·p(y) was not exceeded in the random cases of
-  ``tests/test_verify_law.py`` but is not proven. :func:`node_tvd` reports, per static node, TVD between the
-  relaxed and the exact rule's laws given the same draws; its mean over draws bounds the true TVD from above.
+  marginal output is no longer P̃ of anything and the carry-over argument above does not apply.
+  - ``budget="sibling"``: **not bounded** (exact enumeration over the draws finds marginal TVD > 2.5·δ for a
+    single child; the carry-over δ_j, which the static path used before, has the same worst cases).
+  - ``budget="node"`` (exact residual): **TVD(marginal O, p) ≤ δ at every node by construction**. Condition
+    on the drawn children D (known before the acceptance uniforms, so the rule may depend on them); let
+    O(·|D) and O₀(·|D) be the node's laws under the relaxed and the exact rule given D (both exact, by the
+    sibling chain). The exact rule is lossless, E_D[O₀(·|D)] = p, so by convexity of TVD
+    TVD(E_D O(·|D), p) ≤ E_D TVD(O(·|D), O₀(·|D)), and it suffices that TVD(O(·|D), O₀(·|D)) ≤ δ for
+    every D. :func:`_static_node_caps` ensures it greedily: for j = 1..c, sibling j aggregates the prefix
+    N_1..N_{m_j} with m_j the largest m ≤ m*_j(δ) (LANTERN's prefix on its residual r_j) such that the law
+    with prefixes m_1..m_j and no relaxation after j is within δ of O₀(·|D). m_j = 0 is always allowed
+    (it is the previous step's law, within δ; at j = 1 it is O₀ itself), so after the last sibling
+    TVD(O(·|D), O₀(·|D)) ≤ δ. Cost: every candidate m = 0..k runs through the rest of the chain at once
+    (a leading dimension), so a node takes O(c²) chain steps on (k + 1)-times larger tensors instead of c
+    steps — the slowest option, used only with ``relax="lantern", budget="node"`` on static trees.
+  - λ: the node budget is the per-sibling rule (as on dynamic trees); its ratio bound O(y) ≤ λ·p(y) was not
+    exceeded in the random cases of ``tests/test_verify_law.py`` but is not proven for static trees.
+  :func:`node_tvd` reports, per static node, TVD(O(·|D), O₀(·|D)) given the actual draws (≤ δ with
+  ``budget="node"``); its mean over draws bounds the node's marginal TVD from p from above.
 * ``residual="original*"``: no bound (the residual is not the speculative residual of P̃; measured shifts are
   several times δ).
 
@@ -109,8 +123,10 @@ class AcceptConfig:
         k: number of latent neighbours considered (``lantern_k``).
         delta: TVD budget δ in [0, 1] for ``"lantern"``.
         lam: ratio bound λ ≥ 1 for ``"lantern++"``.
-        budget: ``"sibling"`` (δ per sibling test, the original) or ``"node"`` (δ for the whole node: sibling j
-            gets (δ − Σ_{l<j} R_l·c*_l) / R_j). With λ both are the same rule (it bounds the node already).
+        budget: ``"sibling"`` (δ per sibling test, the original) or ``"node"`` (δ for the whole node; dynamic
+            trees: sibling j gets (δ − Σ_{l<j} R_l·c*_l) / R_j; static trees: each sibling's prefix is capped so
+            the law given the draws stays within δ of the exact rule's, see the module docstring). With λ
+            both are the same rule (it bounds the node already).
         residual: ``"exact"`` (the speculative residual of P̃), ``"original"`` / ``"original_lumina"`` (the
             original code's residuals, see the module docstring).
     """
@@ -244,6 +260,8 @@ def _relaxed_for(
     target_probs: torch.Tensor, cand: torch.Tensor, cfg: AcceptConfig, neighbours: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(p̃(x) (...,), aggregated mask (..., V)) under ``cfg``."""
+    if hasattr(cfg, "relaxed_for"):  # a rule defined next to this module (GSD, models/drafters/grouped.py)
+        return cfg.relaxed_for(target_probs, cand, neighbours)
     if cfg.enabled and neighbours is None:
         raise ValueError("relaxed acceptance needs a neighbour table")
     if not cfg.enabled:
@@ -295,6 +313,80 @@ def _original_neighbour_mask(target_probs: torch.Tensor, cand: torch.Tensor, cfg
     return mask
 
 
+def _static_node_caps(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    children: torch.Tensor,
+    cfg: AcceptConfig,
+    neighbours: torch.Tensor,
+    child_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Static tree, ``budget="node"``: the prefix length m_j ≤ m*_j(δ) each sibling may aggregate (..., c).
+
+    Given the drawn children D, let O_exact(·|D) be the exact rule's output law and O_m the law with
+    relaxations m_1..m_j on siblings 1..j and none after. Greedy over j: m_j = the largest m ≤ m*_j(δ)
+    (LANTERN's prefix on the residual r_j of the chain with m_1..m_{j-1}) with TVD(O_m, O_exact(·|D)) ≤ δ.
+    m_j = 0 gives the previous step's law, which satisfied the bound (at j = 1: O_exact itself), so the
+    choice always exists, and after the last sibling TVD(O(·|D), O_exact(·|D)) ≤ δ for every D. All k + 1
+    candidate m's run through the rest of the chain at once (a leading dimension), so a node costs O(c²)
+    chain steps on (k + 1)-times larger tensors, sync-free.
+    """
+    dt, dev = target_probs.dtype, target_probs.device
+    k, delta = cfg.k, float(cfg.delta)
+    lead, c = children.shape[:-1], children.shape[-1]
+    ref = _sibling_chain(target_probs, draft_probs, children, AcceptConfig(), None, None, child_mask,
+                         sample=False, want_law=True)[2]
+
+    def step(r, q_rem, reach, law, x, valid, p_tilde, agg):
+        # one exact static step (as in _sibling_chain): accept min(1, p̃/q_j), residual normalise(max(0, P̃ − q_j))
+        q_j = _normalise_or(q_rem, q_rem)
+        q_x = q_j.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+        a = torch.where(q_x > 0, (p_tilde / q_x.clamp(min=_EPS)).clamp(max=1.0), (p_tilde > 0).to(dt))
+        relaxed = r.masked_fill(agg, 0.0).scatter(-1, x.unsqueeze(-1), p_tilde.unsqueeze(-1))
+        nxt = _normalise_or((relaxed - q_j).clamp(min=0.0), relaxed)
+        vr = valid.to(dt)
+        law = law.scatter_add(-1, x.unsqueeze(-1), (reach * a * vr).unsqueeze(-1))
+        reach = reach * (1.0 - a * vr)
+        r = torch.where(valid.unsqueeze(-1), nxt, r)
+        q_rem = torch.where(valid.unsqueeze(-1), q_rem.scatter(-1, x.unsqueeze(-1), 0.0), q_rem)
+        return r, q_rem, reach, law
+
+    def exact_step(r, q_rem, reach, law, x, valid):
+        p_x = r.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+        agg = torch.zeros(r.shape, dtype=torch.bool, device=dev).scatter_(-1, x.unsqueeze(-1), True)
+        return step(r, q_rem, reach, law, x, valid, p_x, agg)
+
+    ms = torch.arange(k + 1, device=dev).view((k + 1,) + (1,) * len(lead))  # candidate m's, leading dim
+    slot = torch.arange(k, device=dev)
+    caps = torch.zeros(children.shape, dtype=torch.long, device=dev)
+    r, q_rem = target_probs, draft_probs.to(dt)
+    reach = torch.ones(lead, dtype=dt, device=dev)
+    law = torch.zeros_like(target_probs)
+    for j in range(c):
+        x, valid = children[..., j].long(), child_mask[..., j]
+        p_x, _, _, nb, within = _relax_terms(r, x, neighbours, k, delta, None)  # LANTERN's prefix m*_j(δ)
+        nb_p = r.gather(-1, nb.clamp(min=0)) * (nb >= 0)
+        within_m = within & (slot < ms.unsqueeze(-1))  # (k+1, ..., k): prefix of length min(m, m*_j)
+        p_tilde = p_x + (nb_p * within_m).sum(-1)
+        expand = (k + 1,) + tuple(r.shape)
+        x_m, valid_m = x.expand((k + 1,) + tuple(lead)), valid.expand((k + 1,) + tuple(lead))
+        agg = _aggregate_mask(r.expand(expand), x_m, nb.expand((k + 1,) + tuple(nb.shape)), within_m)
+        state = step(r.expand(expand), q_rem.expand(expand), reach.expand((k + 1,) + tuple(lead)), law.expand(expand),
+                     x_m, valid_m, p_tilde, agg)
+        r_m, q_m, reach_m, law_m = state
+        for i in range(j + 1, c):  # the rest of the chain without relaxation, for every candidate at once
+            xi = children[..., i].long().expand((k + 1,) + tuple(lead))
+            r_m, q_m, reach_m, law_m = exact_step(r_m, q_m, reach_m, law_m, xi, child_mask[..., i].expand_as(xi))
+        tvd = 0.5 * (law_m + reach_m.unsqueeze(-1) * r_m - ref).abs().sum(-1)  # (k+1, ...)
+        ok = (tvd <= delta) | (ms == 0)  # m = 0 is the previous step's law (rounding aside)
+        cap = torch.where(valid, (ms * ok).amax(0), 0)
+        caps[..., j] = cap
+        pick = cap.unsqueeze(0)
+        r, q_rem, reach, law = (v.gather(0, pick.unsqueeze(-1).expand((1,) + tuple(v.shape[1:]))).squeeze(0)
+                                if v.dim() > len(lead) + 1 else v.gather(0, pick).squeeze(0) for v in state)
+    return caps
+
+
 def _sibling_chain(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor | None,
@@ -313,7 +405,9 @@ def _sibling_chain(
     whatever the uniforms say; the sampled outcome is the first j with u_j < a_j. The same chain gives the
     node's exact output law  Σ_j R_j·a_j·δ_{x_j} + R_{c+1}·r_{c+1}  with R_j = Π_{l<j}(1 − a_l) (for static
     trees conditional on the drawn children). ``cfg.budget == "node"`` gives sibling j the TVD budget
-    δ_j = (δ − Σ_{l<j} R_l·c*_l) / R_j, so Σ_j R_j·c*_j ≤ δ.
+    δ_j = (δ − Σ_{l<j} R_l·c*_l) / R_j, so Σ_j R_j·c*_j ≤ δ; on static trees with the exact residual it
+    instead caps sibling j's prefix at m_j from :func:`_static_node_caps` (the budget δ per sibling, then
+    the cap), so the law given the children is within δ of the exact rule's.
     """
     static = draft_probs is not None
     r = target_probs
@@ -333,6 +427,10 @@ def _sibling_chain(
     node_budget = cfg.relax == "lantern" and cfg.budget == "node"
     original = cfg.enabled and cfg.residual != "exact"
     q_rem = draft_probs.to(dt) if static else None
+    caps = None
+    if static and node_budget and not original:  # the static node budget caps each sibling's prefix instead
+        caps = _static_node_caps(target_probs, draft_probs, children, cfg, neighbours, child_mask)
+        node_budget = False
     for j in range(children.shape[-1]):
         x = children[..., j].long()
         valid = child_mask[..., j]
@@ -340,12 +438,18 @@ def _sibling_chain(
             p_tilde = r.gather(-1, x.unsqueeze(-1)).squeeze(-1)
             agg = torch.zeros(r.shape, dtype=torch.bool, device=dev).scatter_(-1, x.unsqueeze(-1), True)
             m_star = torch.zeros_like(x)
+        elif hasattr(cfg, "relaxed_for"):  # a rule with its own aggregated set (GSD, models/drafters/grouped.py)
+            p_tilde, agg = cfg.relaxed_for(r, x, neighbours)
+            m_star = agg.sum(-1) - 1
         else:
             budget = None
             if node_budget:
                 budget = torch.where(reach > _EPS, (cfg.delta - spent).clamp(min=0.0) / reach.clamp(min=_EPS),
                                      torch.full_like(reach, float(cfg.delta)))
             p_x, c_star, m_star, nb, within = _relax_terms(r, x, neighbours, cfg.k, cfg.delta, cfg.lam, budget)
+            if caps is not None:  # static, budget="node": at most the prefix _static_node_caps allows
+                within = within & (torch.arange(cfg.k, device=dev) < caps[..., j, None])
+                c_star = (r.gather(-1, nb.clamp(min=0)) * (nb >= 0) * within).sum(-1)
             p_tilde = p_x + c_star
             agg = _aggregate_mask(r, x, nb, within)
         if static:
@@ -435,10 +539,12 @@ def static_sibling_test(
     With r_1 = p: q_j(x) = Q(x) / (1 − Σ_{l<j} Q(x_l)) on the not-yet-drawn support (0 on x_1..x_{j-1});
     P̃_j = relaxed target of x_j built on r_j; accept x_j with probability min(1, P̃_j(x_j) / q_j(x_j));
     on rejection r_{j+1} = normalise(max(0, P̃_j − q_j)) (``cfg.residual == "exact"``; the original's rules
-    are in the module docstring). Lossless when ``cfg`` is off.
+    are in the module docstring). Lossless when ``cfg`` is off. ``budget="node"`` (LANTERN δ) caps each
+    sibling's aggregated prefix so the node's law given these children is within δ of the exact rule's
+    (hence its marginal TVD from p ≤ δ; module docstring).
 
     A short loop over sibling rank (each step depends on the previous residual); vectorised over the leading
-    dims and V, sync-free.
+    dims and V, sync-free (the node budget adds O(c²) batched steps, see :func:`_static_node_caps`).
 
     Args:
         target_probs: (..., V) target p at the parent node(s).
@@ -483,9 +589,9 @@ def node_tvd(
     """Realised distribution shift (...,) of a node's emitted token, computed exactly (no sampling).
 
     Dynamic rule: TVD(law, p), the exact shift of the node's output law from the target. Static rule:
-    TVD(law, law₀), the relaxed and the exact rule's laws given the same drawn children; since the exact
-    rule's law averages to p over the draws, its mean over draws bounds the node's marginal TVD from p from
-    above (convexity), and it is 0 with relaxation off.
+    TVD(law, law₀), the relaxed and the exact rule's laws given the same drawn children (≤ δ with LANTERN's
+    ``budget="node"``); since the exact rule's law averages to p over the draws, its mean over draws bounds
+    the node's marginal TVD from p from above (convexity), and it is 0 with relaxation off.
     """
     law = sibling_output_law(target_probs, children, cfg, neighbours, draft_probs, child_mask)
     ref = target_probs if draft_probs is None else sibling_output_law(
