@@ -6,15 +6,15 @@ import importlib
 import sys
 
 TASKS: dict[str, tuple[str, str]] = {
-    "generate_images": ("entrypoints.generate_images", "generate images (plain AR, EAGLE-2, LANTERN, LANTERN++)"),
+    "generate_images": ("entrypoints.generate_images", "generate images (plain AR, EAGLE-2/1, LANTERN, LANTERN++, SJD, MC-SJD, GSD)"),
     "extract_code": ("entrypoints.extract_code", "encode an image+caption folder into VQ codes (and T5 features)"),
     "self_distill": ("entrypoints.self_distill", "the target's own samples as code shards (self-distilled drafter data)"),
     "generate_train_data": ("entrypoints.generate_train_data", "target hidden states for drafter training"),
     "train_drafter": ("entrypoints.train_drafter.main", "train an EAGLE drafter (also under accelerate launch)"),
     "generate_codebook": ("entrypoints.generate_codebook", "latent-neighbour tables of a VQ codebook for LANTERN"),
-    "eval_fid_clip": ("entrypoints.eval_fid_clip", "FID and CLIP score of generated images"),
+    "eval_fid_clip": ("entrypoints.eval_fid_clip", "FID, KID, IS and CLIP score of generated images"),
     "eval_prec_recall": ("entrypoints.eval_prec_recall", "improved precision / recall of generated images"),
-    "eval_hpsv2": ("entrypoints.eval_hpsv2", "HPSv2 score of generated images"),
+    "eval_hpsv2": ("entrypoints.eval_hpsv2", "HPSv2.1 score of generated images"),
     "benchmark": ("entrypoints.benchmark", "speed (τ, latency, speed-up over AR) and demo quality of decoding settings"),
 }
 
