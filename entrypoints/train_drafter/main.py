@@ -420,8 +420,10 @@ class InterruptFlag:
     processes the flag is all-reduced at every optimizer step, so all of them stop after the same step
     (stopping one alone would leave the others waiting in an all-reduce)."""
 
-    def __init__(self, num_processes: int):
-        self.num_processes, self.seen, self._flag, self._previous = num_processes, False, False, None
+    def __init__(self, num_processes: int, device: torch.device | str = "cpu"):
+        # device: where the all-reduced flag lives (the process's own device; NCCL reduces device tensors only)
+        self.num_processes, self.device = num_processes, torch.device(device)
+        self.seen, self._flag, self._previous = False, False, None
         try:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
@@ -443,10 +445,8 @@ class InterruptFlag:
         if self.num_processes > 1:
             import torch.distributed as dist
 
-            t = torch.tensor([1.0 if flag else 0.0])
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
             if dist.is_available() and dist.is_initialized():
-                if dist.get_backend() == "nccl":
-                    t = t.cuda()
                 dist.all_reduce(t)
             flag = bool(t.item() > 0)
         self.seen |= flag
@@ -624,7 +624,7 @@ def train(args: argparse.Namespace) -> dict:
     if state is not None and (step >= max_steps or start_epoch >= args.num_epochs):
         accelerator.print(f"nothing to do: {resume_dir} already finished step {step} (epoch {start_epoch}); raise "
                           f"--num_epochs / --max_steps to train further")
-    stop_signal = InterruptFlag(accelerator.num_processes)
+    stop_signal = InterruptFlag(accelerator.num_processes, accelerator.device)
     bar = tqdm(total=max(0, max_steps - step), disable=not main_proc, desc="train_drafter")
     epoch = start_epoch
     for epoch in range(start_epoch, args.num_epochs):
