@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 from chameleon_fixtures import random_chameleon_drafter, randomise, write_chameleon_ckpts
-from test_engine import _assert_matches
+from test_engine import _assert_matches, exact_joint
 
 from models.base_models.chameleon.model import ChameleonCausalLM, ChameleonTargetConfig
 from models.drafters.choices import get_tree_choices
 from models.ea_model import SpeculativeDecoder, TreeConfig
-from models.generation import Prefix, generate_ar, prefix_attention_mask
+from models.generation import Prefix, generate_ar
 from models.registry import load_family
-from models.sampling import SamplingConfig, cfg_combine, target_probs
+from models.sampling import SamplingConfig, target_probs
 from models.token_masks import PositionalTokenMask, apply_allowed_tokens
 
 IMAGE_SIZE = 8  # tiny VQGAN downsamples by 2: a 4x4 grid
@@ -116,47 +116,41 @@ def _tiny_chameleon(seed=0) -> ChameleonCausalLM:
     return m
 
 
-def _exact_joint(model, prefix: Prefix, n: int, sampling: SamplingConfig, allowed) -> torch.Tensor:
-    import itertools
+def forced_token_case() -> tuple:
+    """Tiny Chameleon target, CFG 2 with a padded (shorter) uncond prefix and a forced token at index 1 (a
+    Lumina-style newline): (target, prefix, allowed-token mask, sampler)."""
+    target = _tiny_chameleon()
+    ids = torch.tensor([[0, 3, 2, 1], [5, 5, 0, 1]])  # uncond row left-padded (two padding slots)
+    valid = torch.tensor([[True] * 4, [False, False, True, True]])
+    prefix = Prefix(target.embed_tokens(ids), valid, 2.0, token_ids=ids)
+    classes = torch.tensor([[True, True, True, True, False, False], [False, False, False, False, False, True]])
+    return target, prefix, PositionalTokenMask(classes, torch.tensor([[0, 1, 0]])), SamplingConfig(temperature=1.0)
 
-    v = model.config.vocab_size
-    joint = torch.zeros([v] * n)
-    t = prefix.length
-    for seq in itertools.product(range(v), repeat=n):
-        ids = torch.tensor(seq[:-1])[None].expand(prefix.rows, -1)
-        emb = torch.cat([prefix.embeddings, model.embed_tokens(ids)], dim=1)
-        valid = torch.cat([prefix.valid, torch.ones(prefix.rows, n - 1, dtype=torch.bool)], dim=1)
-        with torch.no_grad():
-            h = model.forward_hidden(emb, torch.arange(t + n - 1), attn_mask=prefix_attention_mask(valid))
-            lg = apply_allowed_tokens(cfg_combine(model.lm_head(h[:, t - 1 :]).float(), prefix.cfg_scale), allowed,
-                                      torch.arange(n))
-            probs = target_probs(lg, sampling)[0]
-        joint[seq] = torch.prod(probs[torch.arange(n), torch.tensor(seq)])
-    return joint
+
+def assert_forced_token_lossless(dec: SpeculativeDecoder, case: tuple, samples: int = 1500) -> None:
+    """The decoder's first three tokens on :func:`forced_token_case` follow plain AR's exact joint (chi-square)
+    and the forced token is always in place."""
+    target, prefix, allowed, sampling = case
+    counts = torch.zeros([6] * 3)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(samples):
+        tokens, _ = dec.generate(prefix, gen)
+        assert int(tokens[0, 1]) == 5
+        counts[tuple(tokens[0, :3].tolist())] += 1
+    _assert_matches(counts, exact_joint(target, prefix, 3, sampling, allowed))
 
 
 @pytest.mark.parametrize("tree", ["dynamic", pytest.param("static", marks=pytest.mark.slow)])
 def test_speculative_sampling_with_cfg_and_forced_token_is_lossless(tree):
     """Exact speculative sampling, CFG 2 with a padded (shorter) uncond prefix and a forced token at index 1
     (a Lumina-style newline), reproduces plain AR's exact joint of the first three tokens (chi-square)."""
-    target = _tiny_chameleon()
-    ids = torch.tensor([[0, 3, 2, 1], [5, 5, 0, 1]])  # uncond row left-padded (two padding slots)
-    valid = torch.tensor([[True] * 4, [False, False, True, True]])
-    prefix = Prefix(target.embed_tokens(ids), valid, 2.0, token_ids=ids)
-    classes = torch.tensor([[True, True, True, True, False, False], [False, False, False, False, False, True]])
-    allowed = PositionalTokenMask(classes, torch.tensor([[0, 1, 0]]))
-    sampling = SamplingConfig(temperature=1.0)
+    case = forced_token_case()
+    target, _, allowed, sampling = case
     trees = {"dynamic": TreeConfig(top_k_draft=2, depth=3, total_token=8),
              "static": TreeConfig(static_choices=((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)))}
     dec = SpeculativeDecoder(target, random_chameleon_drafter(target, 3), 3, sampling, 2.0, tree=trees[tree],
                              allowed_tokens=allowed)
-    counts = torch.zeros([6] * 3)
-    gen = torch.Generator().manual_seed(11)
-    for _ in range(1500):
-        tokens, _ = dec.generate(prefix, gen)
-        assert int(tokens[0, 1]) == 5
-        counts[tuple(tokens[0, :3].tolist())] += 1
-    _assert_matches(counts, _exact_joint(target, prefix, 3, sampling, allowed))
+    assert_forced_token_lossless(dec, case)
 
 
 # --------------------------------------------------------------------------------------------- command line

@@ -21,6 +21,7 @@ from models.drafters.cnets import DrafterConfig, EagleDrafter
 from models.ea_model import SpeculativeDecoder, TreeConfig
 from models.generation import Prefix, generate_ar, prefix_attention_mask
 from models.sampling import SamplingConfig, cfg_combine, target_probs
+from models.token_masks import apply_allowed_tokens
 
 MC_SIM = tuple(tuple(c) for c in get_tree_choices("mc_sim_7b_63"))
 TREES = {
@@ -135,8 +136,9 @@ def _tiny_target(seed: int = 0) -> LlamaGenGPT:
     return model
 
 
-def exact_joint(model: LlamaGenGPT, prefix: Prefix, n: int, sampling: SamplingConfig) -> torch.Tensor:
-    """P(x_1..x_n) of plain AR decoding, by enumerating every sequence (CFG, temperature, top-k/top-p)."""
+def exact_joint(model, prefix: Prefix, n: int, sampling: SamplingConfig, allowed=None) -> torch.Tensor:
+    """P(x_1..x_n) of plain AR decoding, by enumerating every sequence (CFG, temperature, top-k/top-p, and the
+    family's allowed-token mask ``allowed`` — static or per position — when given)."""
     v = model.config.vocab_size
     joint = torch.zeros([v] * n)
     t = prefix.length
@@ -146,7 +148,9 @@ def exact_joint(model: LlamaGenGPT, prefix: Prefix, n: int, sampling: SamplingCo
         valid = torch.cat([prefix.valid, torch.ones(prefix.rows, n - 1, dtype=torch.bool)], dim=1)
         with torch.no_grad():
             h = model.forward_hidden(emb, torch.arange(t + n - 1), attn_mask=prefix_attention_mask(valid))
-            probs = target_probs(cfg_combine(model.lm_head(h[:, t - 1 :]).float(), prefix.cfg_scale), sampling)[0]
+            logits = apply_allowed_tokens(cfg_combine(model.lm_head(h[:, t - 1 :]).float(), prefix.cfg_scale), allowed,
+                                          torch.arange(n))
+            probs = target_probs(logits, sampling)[0]
         joint[seq] = torch.prod(probs[torch.arange(n), torch.tensor(seq)])
     return joint
 

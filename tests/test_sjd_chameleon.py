@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_chameleon_family import GREEDY, _exact_joint, _tiny_chameleon, ckpts, family  # noqa: F401 (fixture)
-from test_engine import _assert_matches
+from test_chameleon_family import GREEDY, assert_forced_token_lossless, ckpts, family, forced_token_case  # noqa: F401 (fixture)
 
 from models.drafters.jacobi import JacobiProposer
 from models.ea_model import SpeculativeDecoder
-from models.generation import Prefix, generate_ar
-from models.sampling import SamplingConfig
-from models.token_masks import PositionalTokenMask
+from models.generation import generate_ar
 
 
 @pytest.mark.parametrize("model", ["anole", "lumina_mgpt"])
@@ -31,22 +28,11 @@ def test_greedy_sjd_equals_greedy_ar(ckpts, model, cfg_mode):  # noqa: F811
 
 @pytest.mark.parametrize("coupling", [False, True], ids=["sjd", "mc-sjd"])
 def test_sjd_with_cfg_and_forced_token_is_lossless(coupling):
-    target = _tiny_chameleon()
-    ids = torch.tensor([[0, 3, 2, 1], [5, 5, 0, 1]])  # uncond row left-padded (two padding slots)
-    valid = torch.tensor([[True] * 4, [False, False, True, True]])
-    prefix = Prefix(target.embed_tokens(ids), valid, 2.0, token_ids=ids)
-    classes = torch.tensor([[True, True, True, True, False, False], [False, False, False, False, False, True]])
-    allowed = PositionalTokenMask(classes, torch.tensor([[0, 1, 0]]))
-    sampling = SamplingConfig(temperature=1.0)
+    case = forced_token_case()
+    target, _, allowed, sampling = case
     dec = SpeculativeDecoder(target, None, 3, sampling, 2.0, allowed_tokens=allowed,
                              proposer=JacobiProposer(2, coupling))
-    counts = torch.zeros([6] * 3)
-    gen = torch.Generator().manual_seed(11)
-    for _ in range(1500):
-        tokens, _ = dec.generate(prefix, gen)
-        assert int(tokens[0, 1]) == 5
-        counts[tuple(tokens[0, :3].tolist())] += 1
-    _assert_matches(counts, _exact_joint(target, prefix, 3, sampling, allowed))
+    assert_forced_token_lossless(dec, case)
 
 
 @pytest.mark.parametrize("model", ["anole", "lumina_mgpt"])
