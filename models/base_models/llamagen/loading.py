@@ -31,21 +31,22 @@ HF_GPT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "int
 VQ_FIELDS = ("codebook_size", "codebook_embed_dim")
 
 
-def _gpt_config(raw: dict, path: Path) -> GPTConfig:
-    """Our / LlamaGen ModelArgs config; the size fields must be there (no 6.6 B default model for a wrong file)."""
-    require_fields(raw.get("ModelArgs", raw), GPT_FIELDS, path, "LlamaGen GPT")
+def _checked_config(cls, raw: dict, path: Path, required: tuple[str, ...], what: str, kind: str):
+    """``cls.from_dict(raw)`` once the size fields are there (no 6.6 B default model for a wrong file); a bad
+    value names the file."""
+    require_fields(raw.get("ModelArgs", raw), required, path, what)
     try:
-        return GPTConfig.from_dict(raw)
+        return cls.from_dict(raw)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: invalid GPT config ({e})") from None
+        raise CheckpointError(f"{path}: invalid {kind} config ({e})") from None
+
+
+def _gpt_config(raw: dict, path: Path) -> GPTConfig:
+    return _checked_config(GPTConfig, raw, path, GPT_FIELDS, "LlamaGen GPT", "GPT")
 
 
 def _vq_config(raw: dict, path: Path) -> VQConfig:
-    require_fields(raw.get("ModelArgs", raw), VQ_FIELDS, path, "LlamaGen VQ tokenizer")
-    try:
-        return VQConfig.from_dict(raw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: invalid VQ config ({e})") from None
+    return _checked_config(VQConfig, raw, path, VQ_FIELDS, "LlamaGen VQ tokenizer", "VQ")
 
 
 def _needs(sd: dict, names: tuple[str, ...], path: Path, what: str) -> None:
