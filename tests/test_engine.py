@@ -44,6 +44,15 @@ def _prefix(model: LlamaGenGPT, cond: torch.Tensor, valid: torch.Tensor, cfg_sca
                   cfg_scale)
 
 
+def _fixture_prefix(model: LlamaGenGPT, io: dict, kind: str, i: int, cfg_scale: float) -> Prefix:
+    """Prefix of the fixture's i-th generation prompt (class id for C2I, padded caption for T2I)."""
+    if kind == "c2i":
+        cond, valid = io["gen_cond"][i : i + 1], torch.ones(1, 1, dtype=torch.bool)
+    else:
+        cond, valid = io["cond_idx"][i : i + 1], io["emb_masks"][i : i + 1].bool()
+    return _prefix(model, cond, valid, cfg_scale)
+
+
 def _random_drafter(target: LlamaGenGPT, seed: int, hidden: int | None = None) -> EagleDrafter:
     torch.manual_seed(seed)
     c = target.config
@@ -60,11 +69,7 @@ def test_greedy_speculative_equals_greedy_ar(kind, tree):
     for seed in (0, 1):
         drafter = _random_drafter(model, seed)
         for i in range(2):
-            if kind == "c2i":
-                cond, valid = io["gen_cond"][i : i + 1], torch.ones(1, 1, dtype=torch.bool)
-            else:
-                cond, valid = io["cond_idx"][i : i + 1], io["emb_masks"][i : i + 1].bool()
-            prefix = _prefix(model, cond, valid, 4.0)
+            prefix = _fixture_prefix(model, io, kind, i, 4.0)
             dec = SpeculativeDecoder(model, drafter, 16, SamplingConfig(temperature=0), 4.0, tree=TREES[tree])
             tokens, stats = dec.generate(prefix, torch.Generator().manual_seed(seed))
             ar, _ = generate_ar(model, prefix, 16, SamplingConfig(temperature=0))

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 from scipy.stats import chisquare
-from test_engine import SAMPLERS, _assert_matches, _empirical, _fixture_gpt, _prefix, _tiny_target, exact_joint
+from test_engine import (
+    SAMPLERS,
+    _assert_matches,
+    _empirical,
+    _fixture_gpt,
+    _fixture_prefix,
+    _prefix,
+    _tiny_target,
+    exact_joint,
+)
 
 from models.drafters.acceptance import AcceptConfig, static_sibling_test
 from models.drafters.grouped import GroupedAcceptConfig, grouped_relaxed
@@ -34,11 +43,7 @@ def _sjd(target, n_tok, sampling, cfg, window=3, coupling=False, **kw) -> Specul
 def test_greedy_sjd_equals_greedy_ar(kind, coupling):
     model, io = _fixture_gpt(kind)
     for i in range(2):
-        if kind == "c2i":
-            cond, valid = io["gen_cond"][i : i + 1], torch.ones(1, 1, dtype=torch.bool)
-        else:
-            cond, valid = io["cond_idx"][i : i + 1], io["emb_masks"][i : i + 1].bool()
-        prefix = _prefix(model, cond, valid, 4.0)
+        prefix = _fixture_prefix(model, io, kind, i, 4.0)
         for window in (1, 4, 16):
             tokens, stats = _sjd(model, 16, SamplingConfig(temperature=0), 4.0, window, coupling).generate(
                 prefix, torch.Generator().manual_seed(i))
