@@ -209,7 +209,7 @@ def _demo_classifier(device):
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     from models.drafters.cnets import load_drafter
-    from models.drafters.neighbours import load_neighbour_table
+    from models.ea_model import engine_neighbours
     from models.generation import generate_ar
     from models.registry import get_spec, load_family, resolve_path
     from models.sampling import SamplingConfig
@@ -232,10 +232,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         drafter = load_drafter(resolve_path(spec, "drafter", args.drafter_path), device, dtype, family.target.config)
     if any(needs_neighbours(s["name"]) for s in settings):
         k = max(s["k"] + (s.get("residual", "exact") != "exact") for s in settings)  # original: k+1 columns
-        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=k,
-                                          num_codes=getattr(family, "num_codes", None)).to(device)
-        if hasattr(family, "neighbours_for_engine"):  # Chameleon: VQ-index table -> token ids
-            neighbours = family.neighbours_for_engine(neighbours)
+        neighbours = engine_neighbours(family, resolve_path(spec, "codebook", args.codebook_path), k, device)
     from entrypoints.generate_images import default_prompt
 
     prompt = args.prompt or default_prompt(args.model)[0]

@@ -473,7 +473,6 @@ def _add_padded(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 def accept_from_args(args, spec, device, family=None) -> tuple[AcceptConfig, torch.Tensor | None]:
     """The acceptance rule the command line describes (exact, LANTERN δ, LANTERN++ λ, or GSD with ``--gsd``)
     and the neighbour table it needs (None for the exact rule)."""
-    from models.drafters.neighbours import load_neighbour_table
     from models.registry import resolve_path
 
     if getattr(args, "gsd", False):
@@ -491,11 +490,20 @@ def accept_from_args(args, spec, device, family=None) -> tuple[AcceptConfig, tor
                          residual=getattr(args, "lantern_residual", "exact"))
     neighbours = None
     if accept.enabled:
-        neighbours = load_neighbour_table(resolve_path(spec, "codebook", args.codebook_path), k=accept.table_columns,
-                                          num_codes=getattr(family, "num_codes", None)).to(device)
-        if hasattr(family, "neighbours_for_engine"):  # tables are in VQ indices; Chameleon's tokens are not
-            neighbours = family.neighbours_for_engine(neighbours)
+        neighbours = engine_neighbours(family, resolve_path(spec, "codebook", args.codebook_path),
+                                       accept.table_columns, device)
     return accept, neighbours
+
+
+def engine_neighbours(family, path, k: int, device) -> torch.Tensor:
+    """The neighbour table the verifier reads: ``k`` columns, rows checked against the family's codebook, and
+    indexed by the family's token ids (tables are in VQ indices; Chameleon's image tokens are not)."""
+    from models.drafters.neighbours import load_neighbour_table
+
+    neighbours = load_neighbour_table(path, k=k, num_codes=getattr(family, "num_codes", None)).to(device)
+    if hasattr(family, "neighbours_for_engine"):
+        neighbours = family.neighbours_for_engine(neighbours)
+    return neighbours
 
 
 def build_speculative_decoder(family, args, sampling: SamplingConfig, cfg_scale: float) -> SpeculativeDecoder:
