@@ -10,7 +10,8 @@ One round:
    sampled without replacement from the drafter's distribution Q, EAGLE-1 / LANTERN++);
 3. **one** target forward runs over all tree nodes on both CFG streams (tree attention mask, position = prefix
    length + depth), the CFG-combined logits become the target distributions p per node;
-4. :func:`~models.drafters.acceptance.verify_tree` walks the tree (exact, LANTERN δ or LANTERN++ λ rule);
+4. :func:`~models.drafters.acceptance.verify_trees` verifies every prompt's tree in one call (exact, LANTERN δ
+   or LANTERN++ λ rule);
 5. the accepted path's KV rows move into place in the pre-allocated cache (no recomputation) and its hidden
    states feed the drafter next round.
 
@@ -34,9 +35,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from models.drafters.acceptance import AcceptConfig, verify_tree
+from models.drafters.acceptance import AcceptConfig, verify_trees
 from models.drafters.cnets import EagleDrafter
-from models.drafters.tree import DraftTree, StaticTreeTemplate, select_dynamic_tree
+from models.drafters.tree import (
+    DraftTree,
+    StaticTreeTemplate,
+    TreeBatch,
+    batched_children,
+    select_dynamic_trees,
+    stack_trees,
+)
 from models.generation import (
     GenerationStats,
     Generators,
@@ -127,6 +135,9 @@ class SpeculativeDecoder:
         if self.tree_cfg.static_choices is not None:
             self.template = StaticTreeTemplate.from_choices(self.tree_cfg.static_choices)
             widest = int(self.template.num_children.max())
+            # the verifier's view of the template (children table, sibling ranks, internal nodes), built once
+            children, rank = batched_children(self.template.parents[None], self.template.children.shape[1])
+            self._static_struct = (children[0], rank[0], (self.template.num_children > 0).nonzero().squeeze(1))
             if self.tree_cfg.drafter_top_k is not None and self.tree_cfg.drafter_top_k < widest:
                 raise ValueError(f"--drafter_top_k must be >= the widest node of the tree ({widest})")
 
@@ -158,7 +169,7 @@ class SpeculativeDecoder:
     # Both builders grow the trees of every prompt of the batch at once. Drafter entries of tree nodes go to
     # slots shared by the batch (from ``slot0`` = the longest committed length on); each row attends to its own
     # committed slots (``prefix_keys``, (rows, slot0)) and its own tree ancestors, at its own RoPE positions.
-    def _dynamic_tree(self, roots, h_root, pos_rows, slot0, dcache, prefix_keys, generators) -> list[DraftTree]:
+    def _dynamic_tree(self, roots, h_root, pos_rows, slot0, dcache, prefix_keys, generators) -> TreeBatch:
         """EAGLE-2: expand the best ``top_k_draft`` nodes per level; keep the best ``total_token − 1`` overall."""
         cfg, dev = self.tree_cfg, h_root.device
         k, batch, rows = cfg.top_k_draft, roots.shape[0], h_root.shape[0]
@@ -204,9 +215,9 @@ class SpeculativeDecoder:
             front_anc_parent = fed + par_local
             n_cand += k * k
         tokens, parents, scores = torch.cat(tokens, 1), torch.cat(parents, 1), torch.cat(scores, 1)
-        return [select_dynamic_tree(tokens[b], parents[b], scores[b], cfg.total_token, roots[b]) for b in range(batch)]
+        return select_dynamic_trees(tokens, parents, scores, cfg.total_token, roots, levels=cfg.depth, width=k)
 
-    def _static_tree(self, roots, h_root, pos_rows, slot0, dcache, prefix_keys, generators) -> list[DraftTree]:
+    def _static_tree(self, roots, h_root, pos_rows, slot0, dcache, prefix_keys, generators) -> TreeBatch:
         """Static choice list; node i's children are drawn without replacement from Q at node i (per prompt)."""
         tmpl = self.template.to(h_root.device) if self.template.parents.device != h_root.device else self.template
         n, dev, rows, batch = tmpl.num_nodes, h_root.device, h_root.shape[0], roots.shape[0]
@@ -242,7 +253,11 @@ class SpeculativeDecoder:
             kids = tmpl.children[lo:hi]  # (level, C) rank order, -1 padded
             valid = kids >= 0
             tokens[:, kids[valid]] = draws[:, :, : kids.shape[1]][:, valid]
-        return [tmpl.make_tree(tokens[b], q[b]) for b in range(batch)]
+        children, rank, internal = (t.to(dev) for t in self._static_struct)
+        return TreeBatch(tokens=tokens, parents=tmpl.parents.expand(batch, n), depths=tmpl.depths.expand(batch, n),
+                         tree_mask=tmpl.tree_mask.expand(batch, n, n), children=children.expand(batch, -1, -1),
+                         child_rank=rank.expand(batch, n), num_nodes=[n] * batch, max_depth=tmpl.max_depth,
+                         draft_probs=q, internal=internal)
 
     # ------------------------------------------------------------------------------------------ decoding
     @torch.inference_mode()
@@ -280,8 +295,13 @@ class SpeculativeDecoder:
         hidden = prefill(target, prefix, tcache)
         roots = sample_per_prompt(self._combine(target.lm_head(hidden[:, -1]), 0), self.sampling, generator)  # (B,)
         active = list(range(batch)) if n_tok > 1 else []  # original prompt index of every prompt still running
-        outs = [[roots[b : b + 1]] for b in range(batch)]
+        # every prompt's tokens so far; a round writes its emitted tokens (padded) after the prompt's last one
+        out_tokens = torch.zeros(batch, n_tok + max_nodes + 1, dtype=torch.long, device=dev)
+        out_tokens[:, 0] = roots
         n_out = [1] * batch
+        n_out_rows = torch.ones(batch, dtype=torch.long, device=dev)  # n_out of the active prompts, on device
+        last_tokens = roots  # (active,) the root of the next round: the last committed token
+        forced_host = forced.tolist()
         lengths = torch.full((batch,), t, dtype=torch.long, device=dev)  # committed target length = root position
         # drafter inputs (per row): features at positions [dlen, dlen + pend_len) with the token of the following
         # position; condition positions carry token id 0, as in LANTERN's training data
@@ -295,6 +315,7 @@ class SpeculativeDecoder:
         dlen = torch.zeros(batch, dtype=torch.long, device=dev)
         per = [{"accept_lengths": [], "attempted": [], "accepted": [], "image_counts": [], "node_tvd": []}
                for _ in range(batch)]
+        rounds = []  # per round: (active prompts, accepted lengths, batched verify result), read after the loop
         forwards = 1
         greedy = self.sampling.greedy
         build = self._static_tree if self.template is not None else self._dynamic_tree
@@ -308,10 +329,11 @@ class SpeculativeDecoder:
             slot0 = int(lengths.max())
             pos_rows = lengths.repeat(streams)
             prefix_keys = keys[:, :slot0] & (torch.arange(slot0, device=dev) < pos_rows[:, None])
-            roots_active = torch.cat([o[-1][-1:] for o in (outs[b] for b in active)])
             if self.proposer is not None:  # 1-2. drafter-free chains (SJD): the previous iteration's predictions
-                trees = self.proposer.propose(active, roots_active, [n_out[b] for b in active],
-                                              [n_tok - n_out[b] for b in active], gens, target.lm_head.weight.shape[0])
+                proposals = self.proposer.propose(active, last_tokens, [n_out[b] for b in active],
+                                                  [n_tok - n_out[b] for b in active], gens,
+                                                  target.lm_head.weight.shape[0])
+                trees = stack_trees(proposals, width=getattr(self.proposer, "tree_width", None))
             else:
                 # 1. drafter catch-up, every row at its own slots/positions dlen + j (padded entries are discarded)
                 m = pend_ids.shape[1]
@@ -326,55 +348,50 @@ class SpeculativeDecoder:
                 if prof is not None:
                     prof.mark("tree")
                 # 2. trees, written from the longest committed length on (shared slots)
-                trees = build(roots_active, h_root, pos_rows, slot0, dcache, prefix_keys, gens)
+                trees = build(last_tokens, h_root, pos_rows, slot0, dcache, prefix_keys, gens)
             # 3. one target forward over every prompt's tree (trees padded to the largest node count)
             if prof is not None:
                 prof.mark("target")
-            tok, dep, tmask = _stack_trees(trees)
+            tok, dep = trees.tokens, trees.depths
             n = tok.shape[1]
             mask = torch.cat([prefix_keys[:, None, None, :].expand(-1, 1, n, -1),
-                              tmask.repeat(streams, 1, 1)[:, None]], dim=-1)
+                              trees.tree_mask.repeat(streams, 1, 1)[:, None]], dim=-1)
             slots = torch.arange(slot0, slot0 + n, device=dev)
             emb = target.embed_tokens(tok.repeat(streams, 1))
             h_t = target.forward_hidden(emb, pos_rows[:, None] + dep.repeat(streams, 1), tcache, slots,
                                         additive_mask(mask, emb.dtype))
             forwards += 1
-            index = (pos_rows[: len(trees)] - t + 1)[:, None] + dep  # (B, n) image-token index of every node
+            index = (pos_rows[: len(active)] - t + 1)[:, None] + dep  # (B, n) image-token index of every node
             probs = target_probs(self._combine(target.lm_head(h_t), index), self.sampling)  # (B, n, V)
-            # 4. verify every prompt's tree with its own random stream
+            # 4. verify every prompt's tree in one call, each prompt with its own random stream
             if prof is not None:
                 prof.mark("verify")
-            if self.proposer is not None:
-                results = [self.proposer.verify(tr, probs[i, : tr.num_nodes], self.accept, self.neighbours, greedy,
-                                                prompt_generator(gens, i)) for i, tr in enumerate(trees)]
-                self.proposer.update(active, trees, results, probs, gens)  # redraft the rest of every window
-            else:
-                results = [verify_tree(tr, probs[i, : tr.num_nodes], self.accept, self.neighbours, greedy,
-                                       prompt_generator(gens, i), self.measure_shift) for i, tr in enumerate(trees)]
+            res = verify_trees(trees, probs, self.accept, self.neighbours, greedy, gens, self.measure_shift)
+            accept_host = res.accept_len.tolist()  # the round's one host sync of the verdict
+            if self.proposer is not None:  # redraft the rest of every window
+                self.proposer.update(active, proposals, [res.result(i, a) for i, a in enumerate(accept_host)],
+                                     probs, gens)
             # 5. commit: each prompt's accepted path moves to the end of its own committed prefix
             if prof is not None:
                 prof.mark("commit")
-            a_max = max(res.accept_len for res in results) + 1
-            path = torch.stack([_pad_last(res.path, a_max) for res in results])  # (B, a_max)
-            steps = torch.minimum(torch.arange(a_max, device=dev),
-                                  torch.tensor([res.accept_len for res in results], device=dev)[:, None])
+            a_max = max(accept_host) + 1
+            path = res.path[:, :a_max]  # (B, a_max), padded by repeating the last node
+            new_ids = res.emitted[:, :a_max]  # accepted drafts + next token, padded by repeating the next token
+            steps = torch.minimum(torch.arange(a_max, device=dev), res.accept_len[:, None])
             tcache.commit_rows((slot0 + path).repeat(streams, 1), (lengths[:, None] + steps).repeat(streams, 1))
-            new_ids = []
-            for b, tr, res in zip(active, trees, results):
-                new = torch.cat([tr.tokens[res.path[1:]], res.next_token.view(1)])
-                outs[b].append(new)
-                per[b]["image_counts"].append(new.numel() - int(forced[n_out[b] : n_out[b] + new.numel()].sum()))
-                n_out[b] += new.numel()
-                new_ids.append(_pad_last(new, a_max))
-                st = per[b]
-                st["accept_lengths"].append(res.accept_len)
-                st["node_tvd"].append(res.node_tvd if self.measure_shift else None)
-                st["attempted"].append(res.attempted_per_depth)
-                st["accepted"].append(res.accepted_per_depth)
+            act = torch.tensor(active, device=dev) if len(active) < batch else torch.arange(batch, device=dev)
+            # the padding past a prompt's new tokens lands where its next round writes (the buffer has room)
+            out_tokens[act[:, None], n_out_rows[:, None] + torch.arange(a_max, device=dev)] = new_ids
+            rounds.append((active, accept_host, res))
+            for b, a in zip(active, accept_host):
+                per[b]["image_counts"].append(a + 1 - sum(forced_host[n_out[b] : n_out[b] + a + 1]))
+                n_out[b] += a + 1
             pend_feat = h_t[torch.arange(rows, device=dev)[:, None], path.repeat(streams, 1)]
-            pend_ids = torch.stack(new_ids).repeat(streams, 1)
-            pend_len = torch.tensor([res.accept_len + 1 for res in results], device=dev)
+            pend_ids = new_ids.repeat(streams, 1)
+            pend_len = res.accept_len + 1
             lengths = lengths + pend_len
+            n_out_rows = n_out_rows + pend_len
+            last_tokens = res.next_token
             # finished prompts drop out: their rows leave the caches and every per-row tensor
             keep = [i for i, b in enumerate(active) if n_out[b] < n_tok]
             if len(keep) < len(active):
@@ -385,10 +402,18 @@ class SpeculativeDecoder:
                         cache.select_batch(krows)
                 keys, pend_feat = keys[krows], pend_feat[krows]
                 pend_ids, pend_len, lengths, dlen = pend_ids[krows], pend_len[kb], lengths[kb], dlen[kb]
+                n_out_rows, last_tokens = n_out_rows[kb], last_tokens[kb]
                 active = [active[i] for i in keep]
         if prof is not None:
             prof.mark(None)
-        tokens = torch.stack([torch.cat(o)[:n_tok] for o in outs])
+        tokens = out_tokens[:, :n_tok]
+        for active_r, accept_r, res in rounds:  # per-prompt statistics, out of the loop
+            for i, (b, a) in enumerate(zip(active_r, accept_r)):
+                st = per[b]
+                st["accept_lengths"].append(a)
+                st["node_tvd"].append(res.node_tvd[i, : a + 1] if self.measure_shift else None)
+                st["attempted"].append(res.attempted_per_depth[i])
+                st["accepted"].append(res.accepted_per_depth[i])
         if tokens.is_cuda:
             torch.cuda.synchronize(tokens.device)
         latency = time.perf_counter() - start
@@ -409,27 +434,13 @@ class SpeculativeDecoder:
 
 
 def _stack_trees(trees: list[DraftTree]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokens (B, n), depths (B, n) and tree masks (B, n, n) of the batch's trees, padded to the largest.
+    """Tokens (B, n), depths (B, n) and tree masks (B, n, n) of the batch's trees, padded to the largest
+    (:func:`~models.drafters.tree.stack_trees`).
 
     Padding nodes (token 0, depth 0) attend only to themselves; nothing reads their outputs.
     """
-    n = max(tr.num_nodes for tr in trees)
-    if all(tr.num_nodes == n for tr in trees):
-        return (torch.stack([tr.tokens for tr in trees]), torch.stack([tr.depths for tr in trees]),
-                torch.stack([tr.tree_mask for tr in trees]))
-    dev = trees[0].device
-    tok = torch.zeros(len(trees), n, dtype=torch.long, device=dev)
-    dep = torch.zeros(len(trees), n, dtype=torch.long, device=dev)
-    tmask = torch.eye(n, dtype=torch.bool, device=dev).repeat(len(trees), 1, 1)
-    for i, tr in enumerate(trees):
-        m = tr.num_nodes
-        tok[i, :m], dep[i, :m], tmask[i, :m, :m] = tr.tokens, tr.depths, tr.tree_mask
-    return tok, dep, tmask
-
-
-def _pad_last(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Right-pad a 1-D tensor to length n by repeating its last entry."""
-    return torch.cat([x, x[-1:].expand(n - x.numel())]) if x.numel() < n else x
+    tb = stack_trees(trees)
+    return tb.tokens, tb.depths, tb.tree_mask
 
 
 def _by_depth(accepted: list[torch.Tensor], attempted: list[torch.Tensor]) -> list[float]:

@@ -94,7 +94,7 @@ from typing import Literal
 
 import torch
 
-from .tree import DraftTree, children_table
+from .tree import DraftTree, TreeBatch, stack_trees
 
 __all__ = [
     "AcceptConfig",
@@ -107,6 +107,10 @@ __all__ = [
     "node_tvd",
     "greedy_accept",
     "verify_tree",
+    "verify_trees",
+    "BatchVerifyResult",
+    "tree_uniforms",
+    "sample_from_uniform",
 ]
 
 _EPS = 1e-12  # residual mass below this is treated as empty (the branch has ~zero probability)
@@ -397,6 +401,7 @@ def _sibling_chain(
     child_mask: torch.Tensor | None,
     sample: bool = True,
     want_law: bool = False,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The sibling process of one node, shared by the dynamic (``draft_probs`` None, q_j = δ_{x_j}) and the
     static rule. Returns ``(accepted_rank, final residual, exact output law or None)``.
@@ -407,7 +412,8 @@ def _sibling_chain(
     trees conditional on the drawn children). ``cfg.budget == "node"`` gives sibling j the TVD budget
     δ_j = (δ − Σ_{l<j} R_l·c*_l) / R_j, so Σ_j R_j·c*_j ≤ δ; on static trees with the exact residual it
     instead caps sibling j's prefix at m_j from :func:`_static_node_caps` (the budget δ per sibling, then
-    the cap), so the law given the children is within δ of the exact rule's.
+    the cap), so the law given the children is within δ of the exact rule's. ``uniforms`` (shape of
+    ``children``): pre-drawn acceptance uniforms (then ``generator`` is not used).
     """
     static = draft_probs is not None
     r = target_probs
@@ -418,7 +424,12 @@ def _sibling_chain(
     if cfg.enabled and neighbours is None:
         raise ValueError("relaxed acceptance needs a neighbour table")
     lead = children.shape[:-1]
-    u = torch.rand(children.shape, generator=generator, device=dev, dtype=dt) if sample else None
+    if not sample:
+        u = None
+    elif uniforms is not None:
+        u = uniforms.to(dt)
+    else:
+        u = torch.rand(children.shape, generator=generator, device=dev, dtype=dt)
     accepted = torch.full(lead, -1, dtype=torch.long, device=children.device)
     reach = torch.ones(lead, dtype=dt, device=dev)  # R_j: probability that sibling j is tested
     spent = torch.zeros(lead, dtype=dt, device=dev)  # Σ_{l<j} R_l·c*_l
@@ -647,41 +658,259 @@ class VerifyResult:
         return tree.tokens[self.path[1:]]
 
 
-def _verify_greedy(
-    tree: DraftTree, target_probs: torch.Tensor, cfg: AcceptConfig, neighbours: torch.Tensor | None
-) -> VerifyResult:
-    n = tree.num_nodes
-    dev = target_probs.device
-    max_depth = tree.max_depth
-    parents = tree.parents
-    ok = torch.zeros(n, dtype=torch.bool, device=dev)
-    if n > 1:
-        passes = greedy_accept(target_probs[parents[1:]], tree.tokens[1:], cfg, neighbours)
-        # keep only the first passing child of each node (sibling order = index order)
-        par = parents[1:]
-        idx = torch.arange(1, n, device=dev)
-        earlier = (par[:, None] == par[None, :]) & (idx[None, :] < idx[:, None]) & passes[None, :]
-        ok[1:] = passes & ~earlier.any(1)
-    ok[0] = True
-    on_path = ~(tree.tree_mask & ~ok[None, :]).any(1)  # every node from root to i is ok
-    path = on_path.nonzero().squeeze(1)  # a chain; index order = depth order
-    last = path[-1]
-    accept_len = path.numel() - 1
-    has_child = torch.zeros(n, dtype=torch.bool, device=dev)
-    if n > 1:
-        has_child[parents[1:]] = True
-    d = torch.arange(max_depth, device=dev)
-    attempted = torch.zeros(max_depth, dtype=torch.long, device=dev)
-    attempted[: accept_len + 1] = has_child[path].long()[:max_depth]
-    emitted = torch.cat([tree.tokens[path[1:]], target_probs[last].argmax(-1).view(1)])
-    return VerifyResult(
-        path=path,
-        next_token=target_probs[last].argmax(-1),
-        accept_len=accept_len,
-        attempted_per_depth=attempted,
-        accepted_per_depth=(d < accept_len).long(),
-        node_tvd=(emitted != target_probs[path].argmax(-1)).to(target_probs.dtype),
-    )
+@dataclass
+class BatchVerifyResult:
+    """Outcome of verifying the B trees of a :class:`~models.drafters.tree.TreeBatch` at once (all tensors,
+    nothing synced; D = ``trees.max_depth``).
+
+    Attributes:
+        path: (B, D + 1) node indices root..last accepted node, right-padded by repeating the last node.
+        emitted: (B, D + 1) the emitted tokens: the accepted drafts, then the next token, right-padded by
+            repeating the next token (what the engine commits and feeds the drafter).
+        next_token: (B,) the token after the accepted prefix.
+        accept_len: (B,) number of accepted drafted tokens.
+        attempted_per_depth, accepted_per_depth: (B, D) as in :class:`VerifyResult`.
+        node_tvd: (B, D + 1) the realised shift of each emitted token (0 past ``accept_len``).
+    """
+
+    path: torch.Tensor
+    emitted: torch.Tensor
+    next_token: torch.Tensor
+    accept_len: torch.Tensor
+    attempted_per_depth: torch.Tensor
+    accepted_per_depth: torch.Tensor
+    node_tvd: torch.Tensor
+
+    def result(self, b: int, accept_len: int | None = None) -> VerifyResult:
+        """Prompt b's outcome as a :class:`VerifyResult` (``accept_len``: the host value, if already synced)."""
+        a = int(self.accept_len[b]) if accept_len is None else accept_len
+        return VerifyResult(path=self.path[b, : a + 1], next_token=self.next_token[b], accept_len=a,
+                            attempted_per_depth=self.attempted_per_depth[b],
+                            accepted_per_depth=self.accepted_per_depth[b], node_tvd=self.node_tvd[b, : a + 1])
+
+
+def tree_uniforms(trees: TreeBatch, generators, device: torch.device | str, dtype: torch.dtype = torch.float32
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every random draw of one verification: (B, n, C) sibling uniforms (node i's j-th child uses [b, i, j])
+    and (B,) the uniform that samples the next token.
+
+    Prompt b draws ``num_nodes[b]·C + 1`` uniforms in one call from its own generator (``generators[b]``;
+    a single generator or None is shared, in prompt order); ``C`` is fixed by the tree shape, so a prompt's
+    draws do not depend on the batch it runs in (per-image seeds stay exact for any batch composition).
+    """
+    batch, n, width = trees.children.shape
+    sizes = trees.num_nodes
+    per_prompt = not (generators is None or isinstance(generators, torch.Generator))
+    if not per_prompt and all(s == n for s in sizes):  # one call for the whole batch
+        flat = torch.rand(batch, n * width + 1, generator=generators, device=device, dtype=dtype)
+        return flat[:, :-1].view(batch, n, width), flat[:, -1]
+    draws = [torch.rand(sizes[b] * width + 1, generator=generators[b] if per_prompt else generators,
+                        device=device, dtype=dtype) for b in range(batch)]
+    if all(s == n for s in sizes):
+        flat = torch.stack(draws)
+        return flat[:, :-1].view(batch, n, width), flat[:, -1]
+    sib = torch.zeros(batch, n, width, device=device, dtype=dtype)
+    for b, d in enumerate(draws):  # unequal sizes (SJD windows near the end): pad each prompt's draws
+        sib[b, : sizes[b]] = d[:-1].view(sizes[b], width)
+    return sib, torch.stack([d[-1] for d in draws])
+
+
+def sample_from_uniform(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One draw per row of ``probs`` (..., V) by inverting its CDF at ``u`` (...,): the first token whose
+    cumulative mass exceeds u·Σp (a token of zero mass is never drawn). Batched over rows with per-row uniforms
+    (each prompt's from its own generator), where ``torch.multinomial`` takes one generator per call."""
+    cdf = probs.double().cumsum(-1)
+    v = (u.double() * cdf[..., -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, v, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b]] for x (B, n, ...) and index (B,)."""
+    return x[torch.arange(x.shape[0], device=x.device), index]
+
+
+def _finish(trees: TreeBatch, path: torch.Tensor, accept_len: torch.Tensor, next_token: torch.Tensor,
+            node_tvd: torch.Tensor, attempted: torch.Tensor | None = None) -> BatchVerifyResult:
+    """Assemble the batched result from the padded path (B, D + 1) and the accepted lengths (B,)."""
+    depth = torch.arange(trees.max_depth + 1, device=path.device)
+    nxt_node = torch.cat([path[:, 1:], path[:, -1:]], 1)  # node emitted at step d (d < accept_len)
+    drafted = trees.tokens.gather(1, nxt_node)
+    emitted = torch.where(depth < accept_len[:, None], drafted, next_token[:, None])
+    d = depth[:-1]
+    if attempted is None:
+        has_child = (trees.children >= 0).any(-1)
+        attempted = (d <= accept_len[:, None]) & has_child.gather(1, path[:, :-1])
+    return BatchVerifyResult(path=path, emitted=emitted, next_token=next_token, accept_len=accept_len,
+                             attempted_per_depth=attempted.long(),
+                             accepted_per_depth=(d < accept_len[:, None]).long(),
+                             node_tvd=torch.where(depth <= accept_len[:, None], node_tvd, 0.0))
+
+
+def _path_from_mask(trees: TreeBatch, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The accepted root path from ``ok`` (B, n) (node i is its parent's accepted child; root True): a node is
+    on the path iff it and all its ancestors are ok. -> (path (B, D + 1) padded, accept_len (B,), last (B,))."""
+    n, depth_bound = trees.tokens.shape[1], trees.max_depth
+    on_path = ~(trees.tree_mask & ~ok[:, None, :]).any(-1)
+    depth_on = torch.where(on_path, trees.depths, -1)
+    accept_len, last = depth_on.max(-1)
+    slot = torch.where(on_path, trees.depths, depth_bound + 1)  # off-path nodes go to a dummy column
+    buf = torch.zeros(ok.shape[0], depth_bound + 2, dtype=torch.long, device=ok.device)
+    buf.scatter_(1, slot, torch.arange(n, device=ok.device).expand_as(slot))
+    depth = torch.arange(depth_bound + 1, device=ok.device)
+    path = torch.where(depth <= accept_len[:, None], buf[:, :-1], last[:, None])
+    return path, accept_len, last
+
+
+def _verify_greedy_batch(trees: TreeBatch, probs: torch.Tensor, cfg: AcceptConfig,
+                         neighbours: torch.Tensor | None) -> BatchVerifyResult:
+    batch, n = trees.tokens.shape
+    dev = probs.device
+    has_parent = trees.parents >= 0
+    p_parent = probs[torch.arange(batch, device=dev)[:, None], trees.parents.clamp(min=0)]  # (B, n, V)
+    passes = greedy_accept(p_parent, trees.tokens, cfg, neighbours) & has_parent
+    # keep only the first passing child of each node (sibling order = index order)
+    idx = torch.arange(n, device=dev)
+    earlier = ((trees.parents[:, :, None] == trees.parents[:, None, :]) & (idx[None, :] < idx[:, None])
+               & passes[:, None, :])
+    ok = (passes & ~earlier.any(-1)) | (idx == 0)
+    path, accept_len, last = _path_from_mask(trees, ok)
+    next_token = _rows(probs, last).argmax(-1)
+    res = _finish(trees, path, accept_len, next_token, torch.zeros(path.shape, dtype=probs.dtype, device=dev))
+    # greedy "shift": 1 where the emitted token is not argmax p at its node
+    tvd = (res.emitted != probs.gather(1, path[..., None].expand(-1, -1, probs.shape[-1])).argmax(-1))
+    res.node_tvd = torch.where(torch.arange(path.shape[1], device=dev) <= accept_len[:, None],
+                               tvd.to(probs.dtype), 0.0)
+    return res
+
+
+def _verify_all_nodes(trees: TreeBatch, probs: torch.Tensor, cfg: AcceptConfig, neighbours: torch.Tensor | None,
+                      u_sib: torch.Tensor, u_next: torch.Tensor, measure_shift: bool) -> BatchVerifyResult:
+    """Every internal node's sibling test at once (each against its own pre-drawn uniforms), then the accepted
+    root path by one ancestry reduction: a fixed number of ops whatever the batch, tree size or depth."""
+    batch, n, _ = trees.children.shape
+    dev = probs.device
+    rows = trees.internal
+    draft = trees.draft_probs.to(probs.dtype) if trees.draft_probs is not None else None
+    if rows is None:
+        ch, p, q, u = trees.children, probs, draft, u_sib
+    else:
+        ch, p, u = trees.children[:, rows], probs[:, rows], u_sib[:, rows]
+        q = draft[:, rows] if draft is not None else None
+    cmask = ch >= 0
+    toks = trees.tokens.gather(1, ch.clamp(min=0).flatten(1)).view(ch.shape)
+    want_law = cfg.enabled and measure_shift
+    rank, res, law = _sibling_chain(p, q, toks, cfg, neighbours, None, cmask, want_law=want_law, uniforms=u)
+    if rows is None:
+        acc_rank, res_of = rank, None
+    else:
+        acc_rank = torch.full((batch, n), -1, dtype=torch.long, device=dev).index_copy_(1, rows, rank)
+        res_of = torch.full((n,), -1, dtype=torch.long, device=dev).index_copy_(
+            0, rows, torch.arange(rows.numel(), device=dev))  # node -> row of the tested block
+    ok = ((trees.parents >= 0) & (acc_rank.gather(1, trees.parents.clamp(min=0)) == trees.child_rank)
+          | (torch.arange(n, device=dev) == 0))
+    path, accept_len, last = _path_from_mask(trees, ok)
+    if res_of is None:
+        final = _rows(res, last)  # a leaf's row was never advanced: it is p
+    else:
+        row = res_of[last]
+        final = torch.where((row >= 0)[:, None], _rows(res, row.clamp(min=0)), _rows(probs, last))
+    next_token = sample_from_uniform(final, u_next)
+    tvd_nodes = torch.zeros(batch, n, dtype=probs.dtype, device=dev)
+    if law is not None:  # the realised shift of every node's emitted token (see node_tvd)
+        ref = p if q is None else _sibling_chain(p, q, toks, AcceptConfig(), None, None, cmask, sample=False,
+                                                 want_law=True)[2]
+        tvd_rows = torch.where(cmask.any(-1), 0.5 * (law - ref).abs().sum(-1), 0.0)
+        tvd_nodes = tvd_rows if rows is None else tvd_nodes.index_copy_(1, rows, tvd_rows)
+    return _finish(trees, path, accept_len, next_token, tvd_nodes.gather(1, path))
+
+
+def _verify_by_level(trees: TreeBatch, probs: torch.Tensor, cfg: AcceptConfig, neighbours: torch.Tensor | None,
+                     u_sib: torch.Tensor, u_next: torch.Tensor, measure_shift: bool) -> BatchVerifyResult:
+    """The walk from the root, one depth level per step, every prompt's sibling test of the level in one call."""
+    batch = trees.batch_size
+    dev = probs.device
+    draft = trees.draft_probs.to(probs.dtype) if trees.draft_probs is not None else None
+    want_law = cfg.enabled and measure_shift
+    cur = torch.zeros(batch, dtype=torch.long, device=dev)
+    alive = torch.ones(batch, dtype=torch.bool, device=dev)
+    final = probs[:, 0]
+    path, attempted, accepted, tvds = [cur], [], [], []
+    for _ in range(trees.max_depth):
+        ch = _rows(trees.children, cur)  # (B, C)
+        cmask = ch >= 0
+        toks = trees.tokens.gather(1, ch.clamp(min=0))
+        p_cur = _rows(probs, cur)
+        q_cur = _rows(draft, cur) if draft is not None else None
+        rank, res, law = _sibling_chain(p_cur, q_cur, toks, cfg, neighbours, None, cmask, want_law=want_law,
+                                        uniforms=_rows(u_sib, cur))
+        tested = alive & cmask.any(-1)
+        if law is not None:
+            ref = p_cur if q_cur is None else _sibling_chain(p_cur, q_cur, toks, AcceptConfig(), None, None, cmask,
+                                                             sample=False, want_law=True)[2]
+            tvds.append(torch.where(tested, 0.5 * (law - ref).abs().sum(-1), 0.0))
+        acc = tested & (rank >= 0)
+        stop_res = torch.where(tested[:, None], res, p_cur)  # a leaf samples from p
+        final = torch.where((alive & ~acc)[:, None], stop_res, final)
+        cur = torch.where(acc, ch.gather(1, rank.clamp(min=0)[:, None]).squeeze(1), cur)
+        path.append(cur)  # a stopped prompt repeats its last node: the padded path
+        attempted.append(tested)
+        accepted.append(acc)
+        alive = acc
+    final = torch.where(alive[:, None], _rows(probs, cur), final)  # reached max depth: a leaf
+    next_token = sample_from_uniform(final, u_next)
+    path = torch.stack(path, 1)
+    if trees.max_depth:
+        accept_len = torch.stack(accepted, 1).long().sum(1)
+        attempted = torch.stack(attempted, 1)
+    else:
+        accept_len = torch.zeros(batch, dtype=torch.long, device=dev)
+        attempted = torch.zeros(batch, 0, dtype=torch.bool, device=dev)
+    tvd = torch.zeros(path.shape, dtype=probs.dtype, device=dev)
+    if tvds:
+        tvd[:, :-1] = torch.stack(tvds, 1)
+    return _finish(trees, path, accept_len, next_token, tvd, attempted)
+
+
+def verify_trees(
+    trees: TreeBatch,
+    target_probs: torch.Tensor,
+    cfg: AcceptConfig,
+    neighbours: torch.Tensor | None = None,
+    greedy: bool = False,
+    generators=None,
+    measure_shift: bool = True,
+    all_nodes: bool | None = None,
+) -> BatchVerifyResult:
+    """Verify every prompt's tree of the batch in one call: the rule of :func:`verify_tree`, batched.
+
+    ``target_probs[b, i]`` (B, n, V) is the processed target p for the children of node i of prompt b.
+    Node i's sibling test (static: :func:`static_sibling_test`, children sampled without replacement from
+    ``draft_probs[b, i]``; dynamic: :func:`dynamic_sibling_test`) reads the uniforms ``u[b, i, :]`` drawn up
+    front by :func:`tree_uniforms` from prompt b's own generator; the next token is drawn by inverting the CDF
+    of the final distribution at one more uniform of that prompt. Because a node's test depends only on its
+    own p, q, children and uniforms, two schedules give the same outcome for the same draws:
+
+    * ``all_nodes`` (default for static trees and chains): every internal node's sibling test in one batched
+      computation, then the accepted path from the root as one ancestry reduction (no loop over depth);
+    * per depth level (default for dynamic trees, whose wide trees would make the all-nodes test n/depth
+      times more work): the walk from the root, all prompts' tests of the level in one call.
+
+    Greedy: :func:`greedy_accept` for every node at once, the longest chain of first-passing children, argmax.
+    Half-precision probabilities are upcast to float32. ``measure_shift``: the realised per-node TVD.
+    """
+    if target_probs.dtype in (torch.float16, torch.bfloat16):
+        target_probs = target_probs.float()
+    if target_probs.shape[:2] != trees.tokens.shape:
+        raise ValueError(f"target_probs has shape {tuple(target_probs.shape)} for trees of {tuple(trees.tokens.shape)}")
+    if cfg.enabled and neighbours is None:
+        raise ValueError("relaxed acceptance needs a neighbour table")
+    if greedy:
+        return _verify_greedy_batch(trees, target_probs, cfg, neighbours)
+    u_sib, u_next = tree_uniforms(trees, generators, target_probs.device, target_probs.dtype)
+    if all_nodes is None:
+        all_nodes = trees.draft_probs is not None
+    run = _verify_all_nodes if all_nodes else _verify_by_level
+    return run(trees, target_probs, cfg, neighbours, u_sib, u_next, measure_shift)
 
 
 def verify_tree(
@@ -703,59 +932,11 @@ def verify_tree(
     (or the node reached at max depth) from p. Greedy: :func:`greedy_accept` for all nodes at once, then the
     longest chain of first-passing children; the next token is argmax p at its end.
 
-    The loop runs over depth levels only and is sync-free until the final ``accept_len``; every random draw
-    uses ``generator``. Half-precision probabilities are upcast to float32. ``measure_shift`` computes
+    One tree of :func:`verify_trees` (the same code and the same draws from ``generator``: n·C + 1 uniforms,
+    C the widest node). Half-precision probabilities are upcast to float32. ``measure_shift`` computes
     ``VerifyResult.node_tvd`` (exact laws per node on the path; with relaxation off it is 0 without work).
     """
-    if target_probs.dtype in (torch.float16, torch.bfloat16):
-        target_probs = target_probs.float()
     if target_probs.shape[0] != tree.num_nodes:
         raise ValueError(f"target_probs has {target_probs.shape[0]} rows for a tree of {tree.num_nodes} nodes")
-    if greedy:
-        return _verify_greedy(tree, target_probs, cfg, neighbours)
-
-    dev = target_probs.device
-    max_depth = tree.max_depth
-    children = children_table(tree.parents)  # (n, C)
-    static = tree.draft_probs is not None
-    draft_probs = tree.draft_probs.to(target_probs.dtype) if static else None
-
-    cur = torch.zeros((), dtype=torch.long, device=dev)
-    alive = torch.ones((), dtype=torch.bool, device=dev)
-    final_res = target_probs[0]
-    path_buf = torch.full((max_depth + 1,), -1, dtype=torch.long, device=dev)
-    path_buf[0] = 0
-    attempted = torch.zeros(max_depth, dtype=torch.long, device=dev)
-    accepted = torch.zeros(max_depth, dtype=torch.long, device=dev)
-    tvd_buf = torch.zeros(max_depth + 1, dtype=target_probs.dtype, device=dev)
-    for d in range(max_depth):
-        ch = children[cur]  # (C,)
-        cmask = ch >= 0
-        toks = tree.tokens[ch.clamp(min=0)]
-        p_cur = target_probs[cur]
-        q_cur = draft_probs[cur] if static else None
-        rank, res, law = _sibling_chain(p_cur, q_cur, toks, cfg, neighbours, generator, cmask, want_law=cfg.enabled and measure_shift)
-        if law is not None:  # the realised shift of this node's emitted token (see node_tvd)
-            ref = p_cur if not static else _sibling_chain(p_cur, q_cur, toks, AcceptConfig(), None, None, cmask,
-                                                          sample=False, want_law=True)[2]
-            tvd_buf[d] = torch.where(alive & cmask.any(), 0.5 * (law - ref).abs().sum(-1), 0.0)
-        tested = alive & cmask.any()
-        acc = tested & (rank >= 0)
-        stop_res = torch.where(tested, res, p_cur)  # a leaf samples from p
-        final_res = torch.where(alive & ~acc, stop_res, final_res)
-        cur = torch.where(acc, ch[rank.clamp(min=0)], cur)
-        path_buf[d + 1] = torch.where(acc, cur, -1)
-        attempted[d] = tested.long()
-        accepted[d] = acc.long()
-        alive = acc
-    final_res = torch.where(alive, target_probs[cur], final_res)  # reached max depth: a leaf
-    next_token = torch.multinomial(final_res, 1, generator=generator).squeeze(0)
-    accept_len = int(accepted.sum())
-    return VerifyResult(
-        path=path_buf[: accept_len + 1],
-        next_token=next_token,
-        accept_len=accept_len,
-        attempted_per_depth=attempted,
-        accepted_per_depth=accepted,
-        node_tvd=tvd_buf[: accept_len + 1],
-    )
+    res = verify_trees(stack_trees([tree]), target_probs[None], cfg, neighbours, greedy, generator, measure_shift)
+    return res.result(0)

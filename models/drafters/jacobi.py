@@ -43,8 +43,8 @@ import torch
 
 from models.generation import prompt_generator
 
-from .acceptance import AcceptConfig, VerifyResult, node_tvd, static_sibling_test, verify_tree
-from .tree import DraftTree, build_tree
+from .acceptance import AcceptConfig, VerifyResult, verify_trees
+from .tree import DraftTree, build_tree, stack_trees
 
 __all__ = ["JacobiProposer", "maximal_coupling", "verify_chain", "SJD_DEFAULT_WINDOW"]
 
@@ -77,30 +77,13 @@ def verify_chain(tree: DraftTree, target_probs: torch.Tensor, cfg: AcceptConfig,
 
     On a chain every node has one child, so the test at node i (accept x_{i+1} with min(1, P̃_i(x_{i+1}) /
     q_i(x_{i+1})), residual normalise(max(0, P̃_i − q_i))) starts from r = p_i and does not depend on the other
-    positions: :func:`~models.drafters.acceptance.static_sibling_test` runs once over the L positions (one fresh
-    uniform each), the accepted length is the run of passes before the first failure, and the next token is
-    drawn from that node's residual (or from the last p when all pass). Same rule, same distribution as the
-    depth-by-depth walk, without L sequential steps; ``node_tvd`` is the realised shift of every emitted token
-    (:func:`~models.drafters.acceptance.node_tvd`), as in ``verify_tree``. Greedy and empty chains go to
-    ``verify_tree``.
+    positions: :func:`~models.drafters.acceptance.verify_trees` runs the L tests at once (each against its own
+    pre-drawn uniform), the accepted length is the run of passes before the first failure, and the next token is
+    drawn from that node's residual (or from the last p when all pass). It is the engine's batched verifier on
+    one chain of width 1 (the width every Jacobi chain has, so a prompt's draws do not depend on its batch).
     """
-    n_draft = tree.num_nodes - 1
-    if greedy or n_draft == 0:
-        return verify_tree(tree, target_probs, cfg, neighbours, greedy, generator)
-    probs = target_probs.float()
-    draft = tree.draft_probs[:n_draft].to(probs.dtype)
-    acc, res = static_sibling_test(probs[:n_draft], draft, tree.tokens[1:, None], cfg, neighbours, generator)
-    a = int((acc >= 0).long().cumprod(0).sum())
-    final = res[a] if a < n_draft else probs[n_draft]
-    next_token = torch.multinomial(final, 1, generator=generator).squeeze(0)
-    depth = torch.arange(n_draft, device=probs.device)
-    # realised shift of each emitted token (as verify_tree's node_tvd): 0 when exact and at the final leaf
-    tvd = torch.zeros(n_draft + 1, dtype=probs.dtype, device=probs.device)
-    if cfg.enabled:
-        tvd[:n_draft] = node_tvd(probs[:n_draft], tree.tokens[1:, None], cfg, neighbours, draft)
-    return VerifyResult(path=torch.arange(a + 1, device=probs.device), next_token=next_token, accept_len=a,
-                        attempted_per_depth=(depth <= a).long(), accepted_per_depth=(depth < a).long(),
-                        node_tvd=tvd[: a + 1])
+    trees = stack_trees([tree], width=1)
+    return verify_trees(trees, target_probs[None], cfg, neighbours, greedy, generator).result(0)
 
 
 class JacobiProposer:
@@ -128,6 +111,7 @@ class JacobiProposer:
         self._state = {}
 
     verify = staticmethod(verify_chain)
+    tree_width = 1  # every proposal is a chain: the verifier's children tables have one column
 
     def _chain(self, length: int, tokens: torch.Tensor) -> DraftTree:
         key = (length, str(tokens.device))

@@ -22,9 +22,12 @@ from .choices import validate_tree_choices
 __all__ = [
     "DraftTree",
     "StaticTreeTemplate",
+    "TreeBatch",
     "build_tree",
     "children_table",
     "select_dynamic_tree",
+    "select_dynamic_trees",
+    "stack_trees",
     "tree_position_ids",
 ]
 
@@ -79,6 +82,128 @@ class DraftTree:
             draft_probs=None if self.draft_probs is None else self.draft_probs.to(device),
             source_index=None if self.source_index is None else self.source_index.to(device),
         )
+
+
+@dataclass
+class TreeBatch:
+    """The draft trees of B prompts, padded to n nodes: what the target forward and the verifier consume.
+
+    Padding nodes (past a prompt's ``num_nodes``) are isolated: token 0, parent -1, depth 0, attend only to
+    themselves, no children; nothing reads their outputs.
+
+    Attributes:
+        tokens, parents, depths: (B, n) as in :class:`DraftTree`.
+        tree_mask: (B, n, n) bool, ancestry incl. self.
+        children: (B, n, C) children per node in sibling order, -1 padded. C is fixed by the tree shape
+            (the static template's widest node, the dynamic builder's top-k, 1 for chains), not by the batch,
+            so a prompt's random draws (``C`` per node) do not depend on the batch it runs in.
+        child_rank: (B, n) a node's rank among its siblings (root and padding: -1).
+        num_nodes: real node count per prompt (host ints).
+        max_depth: a bound on every tree's depth (host int).
+        draft_probs: static trees: (B, n, V) drafter distribution Q at each node; None for dynamic trees.
+        internal: optional (m,) node indices that may have children in any tree of the batch (a static
+            template's internal nodes); the all-nodes verifier tests only these rows. None: every row.
+        source_index: dynamic trees: (B, n) candidate index of each node (root -1).
+    """
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    depths: torch.Tensor
+    tree_mask: torch.Tensor
+    children: torch.Tensor
+    child_rank: torch.Tensor
+    num_nodes: list[int]
+    max_depth: int
+    draft_probs: torch.Tensor | None = None
+    internal: torch.Tensor | None = None
+    source_index: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.children.shape[-1])
+
+    def tree(self, b: int) -> DraftTree:
+        """Prompt b's tree as a :class:`DraftTree` (unpadded)."""
+        m = self.num_nodes[b]
+        parents, depths, tree_mask = self.parents[b, :m], self.depths[b, :m], self.tree_mask[b, :m, :m]
+        return DraftTree(
+            tokens=self.tokens[b, :m],
+            parents=parents,
+            depths=depths,
+            tree_mask=tree_mask,
+            retrieve_paths=_retrieve_paths(parents, depths, tree_mask),
+            draft_probs=None if self.draft_probs is None else self.draft_probs[b, :m],
+            source_index=None if self.source_index is None else self.source_index[b, :m],
+        )
+
+
+def batched_ancestry_mask(parents: torch.Tensor, levels: int) -> torch.Tensor:
+    """(B, n, n) tree masks (ancestors incl. self) of parent tables (B, n), by ``levels`` pointer steps."""
+    batch, n = parents.shape
+    dev = parents.device
+    self_idx = torch.arange(n, device=dev).expand(batch, n)
+    tree_mask = torch.eye(n, dtype=torch.bool, device=dev).repeat(batch, 1, 1)
+    anc = parents
+    for _ in range(levels):
+        has = anc >= 0
+        # a node without a further ancestor marks itself again (already True)
+        tree_mask.scatter_(2, torch.where(has, anc, self_idx).unsqueeze(-1), True)
+        anc = torch.where(has, parents.gather(1, anc.clamp(min=0)), anc)
+    return tree_mask
+
+
+def batched_children(parents: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Children tables (B, n, width) in sibling (= index) order, -1 padded, and each node's sibling rank (B, n)
+    (-1 for nodes without a parent). ``width`` None: the widest node of the batch (one host sync)."""
+    batch, n = parents.shape
+    dev = parents.device
+    idx = torch.arange(n, device=dev)
+    has = parents >= 0
+    same = (parents[:, :, None] == parents[:, None, :]) & (idx[None, None, :] < idx[None, :, None])
+    rank = torch.where(has, same.sum(-1), -1)
+    if width is None:
+        width = max(int(rank.max()) + 1, 0) if n > 1 else 0
+    flat = torch.where(has & (rank < width), parents * width + rank, n * width)  # the dummy slot n·width
+    table = torch.full((batch, n * width + 1), -1, dtype=torch.long, device=dev)
+    table.scatter_(1, flat, idx.expand(batch, n))
+    return table[:, : n * width].view(batch, n, width), rank
+
+
+def stack_trees(trees: Sequence[DraftTree], width: int | None = None) -> TreeBatch:
+    """A :class:`TreeBatch` of single trees (padded to the largest). ``width`` fixes the children-table width
+    (None: the widest node over the batch)."""
+    n = max(tr.num_nodes for tr in trees)
+    dev = trees[0].device
+    batch = len(trees)
+    sizes = [tr.num_nodes for tr in trees]
+    static = trees[0].draft_probs is not None
+    if all(s == n for s in sizes):
+        tokens = torch.stack([tr.tokens for tr in trees])
+        parents = torch.stack([tr.parents for tr in trees])
+        depths = torch.stack([tr.depths for tr in trees])
+        tree_mask = torch.stack([tr.tree_mask for tr in trees])
+        draft_probs = torch.stack([tr.draft_probs for tr in trees]) if static else None
+    else:
+        tokens = torch.zeros(batch, n, dtype=torch.long, device=dev)
+        parents = torch.full((batch, n), -1, dtype=torch.long, device=dev)
+        depths = torch.zeros(batch, n, dtype=torch.long, device=dev)
+        tree_mask = torch.eye(n, dtype=torch.bool, device=dev).repeat(batch, 1, 1)
+        draft_probs = (torch.zeros(batch, n, trees[0].draft_probs.shape[-1], device=dev,
+                                   dtype=trees[0].draft_probs.dtype) if static else None)
+        for i, tr in enumerate(trees):
+            m = tr.num_nodes
+            tokens[i, :m], parents[i, :m], depths[i, :m], tree_mask[i, :m, :m] = (
+                tr.tokens, tr.parents, tr.depths, tr.tree_mask)
+            if static:
+                draft_probs[i, :m] = tr.draft_probs
+    children, child_rank = batched_children(parents, width)
+    return TreeBatch(tokens=tokens, parents=parents, depths=depths, tree_mask=tree_mask, children=children,
+                     child_rank=child_rank, num_nodes=sizes, max_depth=max(tr.max_depth for tr in trees),
+                     draft_probs=draft_probs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -300,55 +425,76 @@ def select_dynamic_tree(
     above its parent, so this is exactly the plain top-(total_token − 1) by score, and the kept set is always
     closed under ancestors. The kept nodes are renumbered by (depth, candidate index), so parents precede
     children and siblings keep their drafting (top-k) order. ``draft_probs`` is None (deterministic drafts).
+    One prompt of :func:`select_dynamic_trees`.
+    """
+    dev = cand_tokens.device
+    root = torch.full((1,), -1, dtype=torch.long, device=dev) if root_token is None else (
+        torch.as_tensor(root_token, dtype=torch.long, device=dev).reshape(1))
+    batch = select_dynamic_trees(cand_tokens[None], cand_parents.to(dev)[None], cand_scores.to(dev)[None],
+                                 total_token, root)
+    return batch.tree(0)
+
+
+def select_dynamic_trees(
+    cand_tokens: torch.Tensor,
+    cand_parents: torch.Tensor,
+    cand_scores: torch.Tensor,
+    total_token: int,
+    root_tokens: torch.Tensor,
+    levels: int | None = None,
+    width: int | None = None,
+) -> TreeBatch:
+    """:func:`select_dynamic_tree` for B prompts at once: (B, M) candidates -> a :class:`TreeBatch` of B trees.
+
+    The same selection and numbering, as a fixed number of batched ops: ranks by one stable sort, effective
+    ranks and depths by ``levels`` pointer steps (the candidates' depth bound; None: walk until no ancestor is
+    left, one host check per step), the kept set by one sort of the packed key, the tree mask by ``levels``
+    more pointer steps. ``width`` is the children-table width (the builder's top-k, so it does not depend on
+    the batch; None: the widest node).
     """
     dev = cand_tokens.device
     cand_parents = cand_parents.to(device=dev, dtype=torch.long)
-    m = cand_tokens.numel()
+    batch, m = cand_tokens.shape
     keep = max(0, min(int(total_token) - 1, m))
+    arange_m = torch.arange(m, device=dev).expand(batch, m)
+    order = torch.sort(cand_scores, dim=1, descending=True, stable=True).indices
+    own_rank = torch.empty_like(order).scatter_(1, order, arange_m)
 
-    own_rank = torch.empty(m, dtype=torch.long, device=dev)
-    order = torch.sort(cand_scores.to(dev), descending=True, stable=True).indices
-    own_rank[order] = torch.arange(m, device=dev)
-
-    eff_rank = own_rank.clone()
-    depth = torch.ones(m, dtype=torch.long, device=dev)  # depth in the final tree (root = 0)
-    anc = cand_parents.clone()
-    for _ in range(m):  # one step per depth level
+    eff_rank = own_rank
+    depth = torch.ones(batch, m, dtype=torch.long, device=dev)  # depth in the final tree (root = 0)
+    anc = cand_parents
+    steps = range(levels) if levels is not None else range(m)
+    for _ in steps:  # one step per depth level
         has = anc >= 0
-        if not bool(has.any()):
+        if levels is None and not bool(has.any()):
             break
         a = anc.clamp(min=0)
-        eff_rank = torch.where(has, torch.maximum(eff_rank, own_rank[a]), eff_rank)
-        depth += has.long()
-        anc = torch.where(has, cand_parents[a], anc)
+        eff_rank = torch.where(has, torch.maximum(eff_rank, own_rank.gather(1, a)), eff_rank)
+        depth = depth + has.long()
+        anc = torch.where(has, cand_parents.gather(1, a), anc)
     else:
-        if m and bool((anc >= 0).any()):
+        if levels is None and m and bool((anc >= 0).any()):
             raise ValueError("cand_parents contains a cycle")
 
     # lexicographic (eff_rank, depth, own_rank) packed into one int64 key; every field is < m + 1
     base = m + 1
     key = (eff_rank * base + depth) * base + own_rank
-    chosen = torch.sort(key).indices[:keep]
-    chosen = chosen[torch.sort(depth[chosen] * base + chosen).indices]  # renumber: (depth, candidate index)
+    chosen = torch.sort(key, dim=1).indices[:, :keep]
+    renumber = torch.sort(depth.gather(1, chosen) * base + chosen, dim=1).indices  # (depth, candidate index)
+    chosen = chosen.gather(1, renumber)
 
-    new_index = torch.full((m,), -1, dtype=torch.long, device=dev)
-    new_index[chosen] = torch.arange(1, keep + 1, device=dev)
-    cp = cand_parents[chosen]
-    new_parents = torch.where(cp >= 0, new_index[cp.clamp(min=0)], torch.zeros_like(cp))
-
-    if root_token is None:
-        root = torch.full((1,), -1, dtype=torch.long, device=dev)
-    else:
-        root = torch.as_tensor(root_token, dtype=torch.long, device=dev).reshape(1)
-    tokens = torch.cat([root, cand_tokens[chosen].long()])
-    parents = torch.cat([torch.full((1,), -1, dtype=torch.long, device=dev), new_parents])
-    depths, tree_mask = _ancestry(parents)
-    return DraftTree(
-        tokens=tokens,
-        parents=parents,
-        depths=depths,
-        tree_mask=tree_mask,
-        retrieve_paths=_retrieve_paths(parents, depths, tree_mask),
-        draft_probs=None,
-        source_index=torch.cat([torch.full((1,), -1, dtype=torch.long, device=dev), chosen]),
-    )
+    new_index = torch.full((batch, m), -1, dtype=torch.long, device=dev)
+    new_index.scatter_(1, chosen, torch.arange(1, keep + 1, device=dev).expand(batch, keep))
+    cp = cand_parents.gather(1, chosen)
+    new_parents = torch.where(cp >= 0, new_index.gather(1, cp.clamp(min=0)), 0)
+    n = keep + 1
+    head = torch.full((batch, 1), -1, dtype=torch.long, device=dev)
+    tokens = torch.cat([root_tokens.to(dev).long().reshape(batch, 1), cand_tokens.gather(1, chosen).long()], 1)
+    parents = torch.cat([head, new_parents], 1)
+    depths = torch.cat([torch.zeros_like(head), depth.gather(1, chosen)], 1)
+    tree_mask = batched_ancestry_mask(parents, levels if levels is not None else int(depths.max()))
+    children, child_rank = batched_children(parents, width)
+    return TreeBatch(tokens=tokens, parents=parents, depths=depths, tree_mask=tree_mask, children=children,
+                     child_rank=child_rank, num_nodes=[n] * batch,
+                     max_depth=levels if levels is not None else int(depths.max()),
+                     source_index=torch.cat([head, chosen], 1))
