@@ -132,6 +132,8 @@ class SpeculativeDecoder:
         self.profiler = None  # models.profiling.PhaseProfiler: phase marks for the benchmark (None = no cost)
         # the realised per-node TVD (issue 13) costs ~40 % of a relaxed verify's ops; off: same tokens, no TVD stats
         self.measure_shift = True
+        # verify_trees' schedule (same draws, same outcome): None/True = all nodes at once, False = per depth level
+        self.verify_all_nodes: bool | None = None
         if self.tree_cfg.static_choices is not None:
             self.template = StaticTreeTemplate.from_choices(self.tree_cfg.static_choices)
             widest = int(self.template.num_children.max())
@@ -366,7 +368,8 @@ class SpeculativeDecoder:
             # 4. verify every prompt's tree in one call, each prompt with its own random stream
             if prof is not None:
                 prof.mark("verify")
-            res = verify_trees(trees, probs, self.accept, self.neighbours, greedy, gens, self.measure_shift)
+            res = verify_trees(trees, probs, self.accept, self.neighbours, greedy, gens, self.measure_shift,
+                               self.verify_all_nodes)
             accept_host = res.accept_len.tolist()  # the round's one host sync of the verdict
             if self.proposer is not None:  # redraft the rest of every window
                 self.proposer.update(active, proposals, [res.result(i, a) for i, a in enumerate(accept_host)],

@@ -89,10 +89,12 @@ relaxation-off case lossless and the relaxed case analysable. The original's sha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
+
+from models.sampling import sample_with_uniforms
 
 from .tree import DraftTree, TreeBatch, stack_trees
 
@@ -110,7 +112,6 @@ __all__ = [
     "verify_trees",
     "BatchVerifyResult",
     "tree_uniforms",
-    "sample_from_uniform",
 ]
 
 _EPS = 1e-12  # residual mass below this is treated as empty (the branch has ~zero probability)
@@ -715,15 +716,6 @@ def tree_uniforms(trees: TreeBatch, generators, device: torch.device | str, dtyp
     return sib, torch.stack([d[-1] for d in draws])
 
 
-def sample_from_uniform(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One draw per row of ``probs`` (..., V) by inverting its CDF at ``u`` (...,): the first token whose
-    cumulative mass exceeds u·Σp (a token of zero mass is never drawn). Batched over rows with per-row uniforms
-    (each prompt's from its own generator), where ``torch.multinomial`` takes one generator per call."""
-    cdf = probs.double().cumsum(-1)
-    v = (u.double() * cdf[..., -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, v, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-
-
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[b, index[b]] for x (B, n, ...) and index (B,)."""
     return x[torch.arange(x.shape[0], device=x.device), index]
@@ -814,7 +806,7 @@ def _verify_all_nodes(trees: TreeBatch, probs: torch.Tensor, cfg: AcceptConfig, 
     else:
         row = res_of[last]
         final = torch.where((row >= 0)[:, None], _rows(res, row.clamp(min=0)), _rows(probs, last))
-    next_token = sample_from_uniform(final, u_next)
+    next_token = sample_with_uniforms(final, u_next)
     tvd_nodes = torch.zeros(batch, n, dtype=probs.dtype, device=dev)
     if law is not None:  # the realised shift of every node's emitted token (see node_tvd)
         ref = p if q is None else _sibling_chain(p, q, toks, AcceptConfig(), None, None, cmask, sample=False,
@@ -857,7 +849,7 @@ def _verify_by_level(trees: TreeBatch, probs: torch.Tensor, cfg: AcceptConfig, n
         accepted.append(acc)
         alive = acc
     final = torch.where(alive[:, None], _rows(probs, cur), final)  # reached max depth: a leaf
-    next_token = sample_from_uniform(final, u_next)
+    next_token = sample_with_uniforms(final, u_next)
     path = torch.stack(path, 1)
     if trees.max_depth:
         accept_len = torch.stack(accepted, 1).long().sum(1)
@@ -890,10 +882,12 @@ def verify_trees(
     of the final distribution at one more uniform of that prompt. Because a node's test depends only on its
     own p, q, children and uniforms, two schedules give the same outcome for the same draws:
 
-    * ``all_nodes`` (default for static trees and chains): every internal node's sibling test in one batched
-      computation, then the accepted path from the root as one ancestry reduction (no loop over depth);
-    * per depth level (default for dynamic trees, whose wide trees would make the all-nodes test n/depth
-      times more work): the walk from the root, all prompts' tests of the level in one call.
+    * ``all_nodes`` (default): every internal node's sibling test in one batched computation, then the
+      accepted path from the root as one ancestry reduction (no loop over depth): a fixed number of ops;
+    * per depth level (``all_nodes=False``): the walk from the root, all prompts' tests of the level in one
+      call — depth times more ops but only the visited nodes' work, for a vocabulary so large that the
+      (internal nodes × V) tensors of the all-nodes test cost more than the dispatch they save. On the demo
+      (V = 1,024, CPU, one thread) all-nodes is faster for the EAGLE-2 tree too (issue 8 report).
 
     Greedy: :func:`greedy_accept` for every node at once, the longest chain of first-passing children, argmax.
     Half-precision probabilities are upcast to float32. ``measure_shift``: the realised per-node TVD.
@@ -908,7 +902,16 @@ def verify_trees(
         return _verify_greedy_batch(trees, target_probs, cfg, neighbours)
     u_sib, u_next = tree_uniforms(trees, generators, target_probs.device, target_probs.dtype)
     if all_nodes is None:
-        all_nodes = trees.draft_probs is not None
+        all_nodes = True
+    if trees.internal is None:  # trees of this round only (dynamic, chains): one host look at their shape
+        n_child = (trees.children >= 0).sum(-1)  # (B, n)
+        width, depth = torch.stack([n_child.max(), trees.depths.max()]).tolist()
+        internal = (n_child > 0).any(0).nonzero().squeeze(1) if all_nodes else None
+        # sibling slots no node uses and rows without children are skipped (the draws stay as drawn)
+        trees = replace(trees, children=trees.children[..., :width], max_depth=min(trees.max_depth, depth),
+                        internal=internal if internal is not None and 0 < internal.numel() < n_child.shape[1]
+                        else None)
+        u_sib = u_sib[..., :width]
     run = _verify_all_nodes if all_nodes else _verify_by_level
     return run(trees, target_probs, cfg, neighbours, u_sib, u_next, measure_shift)
 
