@@ -90,11 +90,10 @@ class TreeConfig:
         return max(self.total_token, self.top_k_draft * (self.depth - 1) + 1)
 
 
-def _gumbel_topk(log_q: torch.Tensor, k: int, u: torch.Tensor) -> torch.Tensor:
-    """k draws without replacement from softmax-normalised ``log_q`` (..., V), in sampling order (Gumbel-top-k);
-    ``u`` holds uniforms of the same shape."""
-    gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
-    return torch.topk(log_q.float() + gumbel, k, dim=-1).indices
+def _gumbel(u: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise from uniforms: ``topk(log Q + noise, k)`` are k draws without replacement from Q, in
+    sampling order (Gumbel-top-k)."""
+    return -torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
 
 
 class SpeculativeDecoder:
@@ -142,6 +141,7 @@ class SpeculativeDecoder:
             self._static_struct = (children[0], rank[0], (self.template.num_children > 0).nonzero().squeeze(1))
             if self.tree_cfg.drafter_top_k is not None and self.tree_cfg.drafter_top_k < widest:
                 raise ValueError(f"--drafter_top_k must be >= the widest node of the tree ({widest})")
+        self._static_plans: dict[str, dict] = {}
 
     # ------------------------------------------------------------------------------------------ helpers
     def _combine(self, logits: torch.Tensor, index=None) -> torch.Tensor:
@@ -183,20 +183,20 @@ class SpeculativeDecoder:
         front_idx = torch.arange(k, device=dev).expand(batch, -1)  # candidate indices of the frontier
         front_tok, front_score = top.indices, top.values
         front_feat = h_root[:, -1:].expand(-1, k, -1)  # (rows, k, H) parent features of the frontier nodes
-        anc = torch.zeros(batch, 0, 0, dtype=torch.bool, device=dev)  # ancestry among fed frontier nodes
+        # ancestry among the fed frontier nodes (k per level), allocated once: level d fills rows fed..fed+k
+        anc = torch.zeros(batch, k * (cfg.depth - 1), k * (cfg.depth - 1), dtype=torch.bool, device=dev)
+        eye = torch.eye(k, dtype=torch.bool, device=dev)
         front_anc_parent = torch.full((batch, k), -1, device=dev)  # fed-slot index of each frontier node's parent
         b_idx = torch.arange(batch, device=dev)[:, None]
+        row_idx = torch.arange(rows, device=dev)[:, None]
         n_cand = k
         for d in range(1, cfg.depth):
-            fed = anc.shape[1]
+            fed = (d - 1) * k
             # ancestry rows of the new frontier: parent's row plus itself
-            new_rows = torch.zeros(batch, k, fed + k, dtype=torch.bool, device=dev)
+            new_rows = anc[:, fed : fed + k, : fed + k]
             if fed:
-                par_rows = anc[b_idx, front_anc_parent.clamp(min=0)]  # (B, k, fed)
-                new_rows[:, :, :fed] = par_rows & (front_anc_parent >= 0)[:, :, None]
-            new_rows[:, :, fed:] = torch.eye(k, dtype=torch.bool, device=dev)
-            anc = torch.cat([torch.cat([anc, torch.zeros(batch, fed, k, dtype=torch.bool, device=dev)], 2),
-                             new_rows], 1)
+                new_rows[:, :, :fed] = anc[b_idx, front_anc_parent, :fed]
+            new_rows[:, :, fed:] = eye
             mask = torch.cat([prefix_keys[:, None, None, :].expand(-1, 1, k, -1),
                               new_rows.repeat(streams, 1, 1)[:, None]], dim=-1)
             slots = torch.arange(slot0 + fed, slot0 + fed + k, device=dev)
@@ -213,16 +213,43 @@ class SpeculativeDecoder:
             par_local = best // k
             front_idx = n_cand + best
             front_tok, front_score = child_tok.gather(1, best), cum.gather(1, best)
-            front_feat = out[torch.arange(rows, device=dev)[:, None], par_local.repeat(streams, 1)]
+            front_feat = out[row_idx, par_local.repeat(streams, 1)]
             front_anc_parent = fed + par_local
             n_cand += k * k
         tokens, parents, scores = torch.cat(tokens, 1), torch.cat(parents, 1), torch.cat(scores, 1)
         return select_dynamic_trees(tokens, parents, scores, cfg.total_token, roots, levels=cfg.depth, width=k)
 
+    def _static_plan(self, dev) -> dict:
+        """The template's per-level index tensors on ``dev``, built once: nodes fed per level, their parents,
+        their ancestry block of the drafter mask, and where each level's draws go (no per-round bookkeeping)."""
+        plan = self._static_plans.get(str(dev))
+        if plan is not None:
+            return plan
+        tmpl = self.template.to(dev)
+        offsets = tmpl.depth_offsets.tolist()
+        width = tmpl.children.shape[1]
+        levels = []
+        for d in range(tmpl.max_depth):
+            lo, hi = offsets[d], offsets[d + 1]
+            kids = tmpl.children[lo:hi]  # (level, C) rank order, -1 padded
+            valid = (kids >= 0).flatten()
+            levels.append({
+                "lo": lo, "hi": hi, "idx": torch.arange(lo, hi, device=dev), "parents": tmpl.parents[lo:hi],
+                "sub": tmpl.tree_mask[lo:hi, 1:hi],  # ancestry among the non-root nodes fed so far
+                "kid_nodes": kids.flatten()[valid], "kid_src": valid.nonzero().squeeze(1),
+            })
+        children, rank, internal = (t.to(dev) for t in self._static_struct)
+        plan = {"tmpl": tmpl, "offsets": offsets, "width": width, "levels": levels, "children": children,
+                "rank": rank, "internal": internal}
+        self._static_plans[str(dev)] = plan
+        return plan
+
     def _static_tree(self, roots, h_root, pos_rows, slot0, dcache, prefix_keys, generators) -> TreeBatch:
         """Static choice list; node i's children are drawn without replacement from Q at node i (per prompt)."""
-        tmpl = self.template.to(h_root.device) if self.template.parents.device != h_root.device else self.template
-        n, dev, rows, batch = tmpl.num_nodes, h_root.device, h_root.shape[0], roots.shape[0]
+        dev, rows, batch = h_root.device, h_root.shape[0], roots.shape[0]
+        plan = self._static_plan(dev)
+        tmpl, offsets, width = plan["tmpl"], plan["offsets"], plan["width"]
+        n = tmpl.num_nodes
         streams = rows // batch
         vocab = self.target.lm_head.weight.shape[0]
         tokens = torch.zeros(batch, n, dtype=torch.long, device=dev)
@@ -230,36 +257,32 @@ class SpeculativeDecoder:
         q = torch.zeros(batch, n, vocab, device=dev)
         node_out = torch.zeros(rows, n, h_root.shape[-1], device=dev, dtype=h_root.dtype)
         node_out[:, 0] = h_root[:, -1]
-        offsets = tmpl.depth_offsets.tolist()
-        widest = int(tmpl.num_children.max())
         base = pos_rows[:batch] - self._prefix_len + 1  # (B,) image-token index of each root's children
         if not self.sampling.greedy:  # each prompt draws this round's uniforms from its own stream, in one call
             u = torch.stack([torch.rand(offsets[tmpl.max_depth], vocab, generator=prompt_generator(generators, b),
                                         device=dev) for b in range(batch)])
-        for d in range(tmpl.max_depth):
-            lo, hi = offsets[d], offsets[d + 1]
+            gumbel = _gumbel(u)  # every level's noise at once
+        for d, lv in enumerate(plan["levels"]):
+            lo, hi = lv["lo"], lv["hi"]
             if d > 0:  # feed this level's nodes to get their features and Q
-                idx = torch.arange(lo, hi, device=dev)
-                sub = tmpl.tree_mask[lo:hi, 1:hi]  # ancestry among non-root nodes fed so far
+                idx = lv["idx"]
                 mask = torch.cat([prefix_keys[:, None, None, :].expand(-1, 1, hi - lo, -1),
-                                  sub[None, None].expand(rows, 1, -1, -1)], dim=-1)
+                                  lv["sub"][None, None].expand(rows, 1, -1, -1)], dim=-1)
                 rope = (pos_rows - 1 + d)[:, None].expand(-1, hi - lo)
-                out = self._run_drafter(node_out[:, tmpl.parents[idx]], tokens[:, idx].repeat(streams, 1), rope,
+                out = self._run_drafter(node_out[:, lv["parents"]], tokens[:, lo:hi].repeat(streams, 1), rope,
                                         dcache, slot0 + idx - 1, mask)
                 node_out[:, lo:hi] = out
-            q[:, lo:hi] = self._draft_q(self._draft_logits(node_out[:, lo:hi], base[:, None] + d))
+            q_level = self._draft_q(self._draft_logits(node_out[:, lo:hi], base[:, None] + d))
+            q[:, lo:hi] = q_level
             if self.sampling.greedy:  # greedy verification only needs the likeliest drafts
-                draws = torch.topk(q[:, lo:hi], widest, dim=-1).indices
-            else:
-                draws = _gumbel_topk(torch.log(q[:, lo:hi]), widest, u[:, lo:hi])  # (B, level, widest)
-            kids = tmpl.children[lo:hi]  # (level, C) rank order, -1 padded
-            valid = kids >= 0
-            tokens[:, kids[valid]] = draws[:, :, : kids.shape[1]][:, valid]
-        children, rank, internal = (t.to(dev) for t in self._static_struct)
+                draws = torch.topk(q_level, width, dim=-1).indices
+            else:  # Gumbel-top-k: draws without replacement from Q, in sampling order
+                draws = torch.topk(torch.log(q_level) + gumbel[:, lo:hi], width, dim=-1).indices  # (B, level, C)
+            tokens[:, lv["kid_nodes"]] = draws.flatten(1)[:, lv["kid_src"]]
         return TreeBatch(tokens=tokens, parents=tmpl.parents.expand(batch, n), depths=tmpl.depths.expand(batch, n),
-                         tree_mask=tmpl.tree_mask.expand(batch, n, n), children=children.expand(batch, -1, -1),
-                         child_rank=rank.expand(batch, n), num_nodes=[n] * batch, max_depth=tmpl.max_depth,
-                         draft_probs=q, internal=internal)
+                         tree_mask=tmpl.tree_mask.expand(batch, n, n), children=plan["children"].expand(batch, -1, -1),
+                         child_rank=plan["rank"].expand(batch, n), num_nodes=[n] * batch, max_depth=tmpl.max_depth,
+                         draft_probs=q, internal=plan["internal"])
 
     # ------------------------------------------------------------------------------------------ decoding
     @torch.inference_mode()

@@ -147,8 +147,9 @@ def batched_ancestry_mask(parents: torch.Tensor, levels: int) -> torch.Tensor:
     dev = parents.device
     self_idx = torch.arange(n, device=dev).expand(batch, n)
     tree_mask = torch.eye(n, dtype=torch.bool, device=dev).repeat(batch, 1, 1)
-    anc = parents
-    for _ in range(levels):
+    tree_mask[:, :, 0] |= parents >= 0  # every node with a parent descends from the root: one step less
+    anc = torch.where(parents > 0, parents, -1)
+    for _ in range(max(levels - 1, 0)):
         has = anc >= 0
         # a node without a further ancestor marks itself again (already True)
         tree_mask.scatter_(2, torch.where(has, anc, self_idx).unsqueeze(-1), True)
@@ -463,7 +464,7 @@ def select_dynamic_trees(
     eff_rank = own_rank
     depth = torch.ones(batch, m, dtype=torch.long, device=dev)  # depth in the final tree (root = 0)
     anc = cand_parents
-    steps = range(levels) if levels is not None else range(m)
+    steps = range(levels - 1) if levels is not None else range(m)  # depth ≤ levels: ≤ levels − 1 ancestors
     for _ in steps:  # one step per depth level
         has = anc >= 0
         if levels is None and not bool(has.any()):
