@@ -57,7 +57,7 @@ from models.generation import (
     sample_per_prompt,
 )
 from models.sampling import SamplingConfig, cfg_combine, target_probs
-from models.token_masks import apply_allowed_tokens, forced_positions
+from models.token_masks import PositionalTokenMask, apply_allowed_tokens, forced_positions
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,8 @@ class SpeculativeDecoder:
         self.accept = accept or AcceptConfig()
         self.tree_cfg = tree or TreeConfig()
         self.allowed_tokens = allowed_tokens
+        # only a position-dependent mask reads the image-token index of a logit row (skip computing it otherwise)
+        self._needs_index = isinstance(allowed_tokens, PositionalTokenMask)
         if self.accept.enabled and neighbours is None:
             raise ValueError("relaxed acceptance (--lantern) needs a neighbour table (generate_codebook)")
         self.neighbours = neighbours
@@ -202,7 +204,8 @@ class SpeculativeDecoder:
             slots = torch.arange(slot0 + fed, slot0 + fed + k, device=dev)
             rope = (pos_rows - 1 + d)[:, None].expand(-1, k)
             out = self._run_drafter(front_feat, front_tok.repeat(streams, 1), rope, dcache, slots, mask)  # (rows, k, H)
-            logp = torch.log_softmax(self._draft_logits(out, base[:, None] + d), dim=-1)  # (B, k, V)
+            logp = torch.log_softmax(self._draft_logits(out, base[:, None] + d if self._needs_index else None),
+                                     dim=-1)  # (B, k, V)
             child = torch.topk(logp, k, dim=-1)  # (B, k, k)
             cum = (front_score[:, :, None] + child.values).flatten(1)
             child_tok = child.indices.flatten(1)
@@ -234,7 +237,7 @@ class SpeculativeDecoder:
             kids = tmpl.children[lo:hi]  # (level, C) rank order, -1 padded
             valid = (kids >= 0).flatten()
             levels.append({
-                "lo": lo, "hi": hi, "idx": torch.arange(lo, hi, device=dev), "parents": tmpl.parents[lo:hi],
+                "lo": lo, "hi": hi, "slot": torch.arange(lo - 1, hi - 1, device=dev), "parents": tmpl.parents[lo:hi],
                 "sub": tmpl.tree_mask[lo:hi, 1:hi],  # ancestry among the non-root nodes fed so far
                 "kid_nodes": kids.flatten()[valid], "kid_src": valid.nonzero().squeeze(1),
             })
@@ -262,17 +265,19 @@ class SpeculativeDecoder:
             u = torch.stack([torch.rand(offsets[tmpl.max_depth], vocab, generator=prompt_generator(generators, b),
                                         device=dev) for b in range(batch)])
             gumbel = _gumbel(u)  # every level's noise at once
+        prefix_block = prefix_keys[:, None, None, :]
+        rope_base = (pos_rows - 1)[:, None]
         for d, lv in enumerate(plan["levels"]):
             lo, hi = lv["lo"], lv["hi"]
             if d > 0:  # feed this level's nodes to get their features and Q
-                idx = lv["idx"]
-                mask = torch.cat([prefix_keys[:, None, None, :].expand(-1, 1, hi - lo, -1),
-                                  lv["sub"][None, None].expand(rows, 1, -1, -1)], dim=-1)
-                rope = (pos_rows - 1 + d)[:, None].expand(-1, hi - lo)
+                mask = torch.cat([prefix_block.expand(-1, 1, hi - lo, -1), lv["sub"][None, None].expand(rows, 1, -1, -1)],
+                                 dim=-1)
+                rope = (rope_base + d).expand(-1, hi - lo)
                 out = self._run_drafter(node_out[:, lv["parents"]], tokens[:, lo:hi].repeat(streams, 1), rope,
-                                        dcache, slot0 + idx - 1, mask)
+                                        dcache, slot0 + lv["slot"], mask)
                 node_out[:, lo:hi] = out
-            q_level = self._draft_q(self._draft_logits(node_out[:, lo:hi], base[:, None] + d))
+            index = base[:, None] + d if self._needs_index else None
+            q_level = self._draft_q(self._draft_logits(node_out[:, lo:hi], index))
             q[:, lo:hi] = q_level
             if self.sampling.greedy:  # greedy verification only needs the likeliest drafts
                 draws = torch.topk(q_level, width, dim=-1).indices
@@ -386,7 +391,8 @@ class SpeculativeDecoder:
             h_t = target.forward_hidden(emb, pos_rows[:, None] + dep.repeat(streams, 1), tcache, slots,
                                         additive_mask(mask, emb.dtype))
             forwards += 1
-            index = (pos_rows[: len(active)] - t + 1)[:, None] + dep  # (B, n) image-token index of every node
+            # (B, n) image-token index of every node
+            index = (pos_rows[: len(active)] - t + 1)[:, None] + dep if self._needs_index else None
             probs = target_probs(self._combine(target.lm_head(h_t), index), self.sampling)  # (B, n, V)
             # 4. verify every prompt's tree in one call, each prompt with its own random stream
             if prof is not None:

@@ -110,7 +110,6 @@ class JacobiProposer:
     def reset(self) -> None:
         self._state = {}
 
-    verify = staticmethod(verify_chain)
     tree_width = 1  # every proposal is a chain: the verifier's children tables have one column
 
     def _chain(self, length: int, tokens: torch.Tensor) -> DraftTree:
