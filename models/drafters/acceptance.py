@@ -392,6 +392,44 @@ def _static_node_caps(
     return caps
 
 
+def _dynamic_exact_chain(
+    target_probs: torch.Tensor, children: torch.Tensor, child_mask: torch.Tensor, u: torch.Tensor | None,
+    want_law: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`_sibling_chain` for deterministic drafts without relaxation, all siblings in one pass.
+
+    Rejecting x_l only removes x_l, so r_j = p with x_1..x_{j-1} zeroed, normalised: with P_j = Σ_{l<j} p(x_l)
+    (a repeated child counts once and has p = 0 on its repeat) sibling j passes with probability
+    a_j = r_j(x_j) = p(x_j) / (1 − P_j), and the final residual is p with every child zeroed, normalised.
+    The sampled outcome is the first j with u_j < a_j, as in the sequential chain.
+    """
+    dt = target_probs.dtype
+    x = children.long()
+    c = x.shape[-1]
+    slot = torch.arange(c, device=x.device)
+    repeat = ((x.unsqueeze(-1) == x.unsqueeze(-2)) & (slot[None, :] < slot[:, None]) & child_mask.unsqueeze(-2)).any(-1)
+    live = child_mask & ~repeat
+    p_x = target_probs.gather(-1, x) * live
+    remaining = target_probs.sum(-1, keepdim=True) - (p_x.cumsum(-1) - p_x)  # 1 − P_j (Σp as normalised)
+    accept_prob = torch.where(remaining > _EPS, p_x / remaining.clamp(min=_EPS), (p_x > 0).to(dt)).clamp(max=1.0)
+    if u is not None:
+        hit = live & (u < accept_prob)
+        accepted = torch.where(hit.any(-1), hit.int().argmax(-1), -1)
+    else:
+        accepted = torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device)
+    vocab = target_probs.shape[-1]
+    drop = torch.zeros(target_probs.shape[:-1] + (vocab + 1,), dtype=torch.bool, device=target_probs.device)
+    drop = drop.scatter_(-1, torch.where(live, x, vocab), True)[..., :vocab]  # masked slots hit column V
+    res = _normalise_or(target_probs.masked_fill(drop, 0.0), target_probs)
+    law = None
+    if want_law:  # Σ_j R_j·a_j·δ_{x_j} + R_{c+1}·r_{c+1}, R_j = Π_{l<j}(1 − a_l)
+        keep = 1.0 - accept_prob * live
+        reach = torch.cumprod(torch.cat([torch.ones_like(keep[..., :1]), keep], -1), -1)
+        law = torch.zeros_like(target_probs).scatter_add(-1, x, reach[..., :-1] * accept_prob * live)
+        law = law + reach[..., -1:] * res
+    return accepted, res, law
+
+
 def _sibling_chain(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor | None,
@@ -431,6 +469,8 @@ def _sibling_chain(
         u = uniforms.to(dt)
     else:
         u = torch.rand(children.shape, generator=generator, device=dev, dtype=dt)
+    if not static and not cfg.enabled:  # the exact dynamic rule has a closed form: every sibling at once
+        return _dynamic_exact_chain(target_probs, children, child_mask, u, want_law)
     accepted = torch.full(lead, -1, dtype=torch.long, device=children.device)
     reach = torch.ones(lead, dtype=dt, device=dev)  # R_j: probability that sibling j is tested
     spent = torch.zeros(lead, dtype=dt, device=dev)  # Σ_{l<j} R_l·c*_l
