@@ -560,8 +560,9 @@ def dynamic_sibling_test(
     (``cfg.residual == "exact"``; see the module docstring for the original's rule). Lossless when ``cfg`` is
     off.
 
-    The loop over sibling rank is inherent (the set removed after rejecting x_j depends on m*_j, which is
-    computed on r_j); each iteration is vectorised over the leading dims and V, and nothing syncs.
+    With relaxation the loop over sibling rank is inherent (the set removed after rejecting x_j depends on
+    m*_j, which is computed on r_j); each iteration is vectorised over the leading dims and V, and nothing
+    syncs. Without it r_j is p with x_1..x_{j-1} removed, and every sibling is tested in one closed-form pass.
 
     Args:
         target_probs: (..., V) target p at the parent node(s).

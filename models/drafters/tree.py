@@ -3,11 +3,13 @@
 Node 0 is the root: the last committed token, sampled by the target (p) but not yet fed to it. Nodes 1..n-1
 are drafted tokens (from the drafter, q). Parents always have a smaller index than their children, and the
 children of one node are ordered by node index, which is their drafting order (top-k rank for dynamic trees,
-sampling order for static trees). The verifier (:func:`models.drafters.acceptance.verify_tree`) consumes
-:class:`DraftTree` only; how the tree was built does not matter to it.
+sampling order for static trees). The verifier consumes :class:`DraftTree` (one tree,
+:func:`models.drafters.acceptance.verify_tree`) or :class:`TreeBatch` (every prompt's tree of a round, padded,
+:func:`models.drafters.acceptance.verify_trees`); how the trees were built does not matter to it.
 
-Everything here is structure-only tensor code: per decoding step nothing loops over nodes in Python; the loops
-that remain run over depth levels (≤ max depth, typically 4–6).
+Everything here is structure-only tensor code: per decoding step nothing loops over nodes or prompts in Python;
+the loops that remain run over depth levels (≤ max depth, typically 4–6), with a fixed count in the batched
+functions (:func:`select_dynamic_trees`, :func:`batched_ancestry_mask`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ __all__ = [
     "DraftTree",
     "StaticTreeTemplate",
     "TreeBatch",
+    "batched_ancestry_mask",
+    "batched_children",
     "build_tree",
     "children_table",
     "select_dynamic_tree",
