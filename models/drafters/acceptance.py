@@ -190,6 +190,14 @@ class AcceptConfig:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _table(neighbours: torch.Tensor, k: int, device: torch.device) -> torch.Tensor:
+    """The first k neighbour columns as long ids on ``device`` (no copy when they already are)."""
+    table = neighbours if neighbours.shape[1] == k else neighbours[:, :k]
+    if table.dtype != torch.long or table.device != device:
+        table = table.to(device=device, dtype=torch.long)
+    return table
+
+
 def _relax_terms(
     target_probs: torch.Tensor,
     cand: torch.Tensor,
@@ -204,13 +212,13 @@ def _relax_terms(
     ``budget`` (shape of ``cand``) replaces the scalar δ (the node-level budget δ_j of a sibling)."""
     if delta is not None and lam is not None:
         raise ValueError("give delta (LANTERN) or lam (LANTERN++), not both")
-    cand = cand.long()
+    cand = cand if cand.dtype == torch.long else cand.long()
     p_x = target_probs.gather(-1, cand.unsqueeze(-1)).squeeze(-1)
     if (delta is None and lam is None) or k <= 0:
         zeros = torch.zeros_like(p_x)
         nb = torch.zeros(cand.shape + (0,), dtype=torch.long, device=cand.device)
         return p_x, zeros, torch.zeros_like(cand), nb, nb.bool()
-    table = neighbours[:, :k].to(device=cand.device, dtype=torch.long)
+    table = _table(neighbours, k, cand.device)
     # ids past the table's last row (e.g. junk top-k children of a forced position, whose logits are -inf
     # outside the one allowed id) have no neighbours; the Chameleon tables only cover the candidate ids
     inside = cand < table.shape[0]
@@ -253,7 +261,7 @@ def _aggregate_mask(
     target_probs: torch.Tensor, cand: torch.Tensor, nb: torch.Tensor, within: torch.Tensor
 ) -> torch.Tensor:
     """(..., V) bool mask of {x} ∪ {N_1..N_{m*}}."""
-    cand = cand.long().unsqueeze(-1)
+    cand = (cand if cand.dtype == torch.long else cand.long()).unsqueeze(-1)
     idx = torch.where(within, nb, cand)  # out-of-prefix slots point at x itself (always in the set)
     mask = torch.zeros(target_probs.shape, dtype=torch.bool, device=target_probs.device)
     mask.scatter_(-1, idx, True)
@@ -483,12 +491,14 @@ def _sibling_chain(
     if static and node_budget and not original:  # the static node budget caps each sibling's prefix instead
         caps = _static_node_caps(target_probs, draft_probs, children, cfg, neighbours, child_mask)
         node_budget = False
+    children = children if children.dtype == torch.long else children.long()
     for j in range(children.shape[-1]):
-        x = children[..., j].long()
+        x = children[..., j]
+        x1 = x.unsqueeze(-1)
         valid = child_mask[..., j]
         if not cfg.enabled:
-            p_tilde = r.gather(-1, x.unsqueeze(-1)).squeeze(-1)
-            agg = torch.zeros(r.shape, dtype=torch.bool, device=dev).scatter_(-1, x.unsqueeze(-1), True)
+            p_tilde = r.gather(-1, x1).squeeze(-1)
+            agg = torch.zeros(r.shape, dtype=torch.bool, device=dev).scatter_(-1, x1, True)
             m_star = torch.zeros_like(x)
         elif hasattr(cfg, "relaxed_for"):  # a rule with its own aggregated set (GSD, models/drafters/grouped.py)
             p_tilde, agg = cfg.relaxed_for(r, x, neighbours)
@@ -506,7 +516,7 @@ def _sibling_chain(
             agg = _aggregate_mask(r, x, nb, within)
         if static:
             q_j = _normalise_or(q_rem, q_rem)  # = Q / (1 − Σ_{l<j} Q(x_l)) for a normalised Q
-            q_x = q_j.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+            q_x = q_j.gather(-1, x1).squeeze(-1)
             accept_prob = torch.where(q_x > 0, (p_tilde / q_x.clamp(min=_EPS)).clamp(max=1.0), (p_tilde > 0).to(dt))
         else:
             accept_prob = p_tilde.clamp(max=1.0)
@@ -516,7 +526,7 @@ def _sibling_chain(
         # the residual r_{j+1} the process continues with if x_j is rejected
         if not static:
             if original:  # the original: x and N_1..N_{k+1} leave whenever m* >= 1, empty -> uniform
-                zero = agg.scatter(-1, x.unsqueeze(-1), True)
+                zero = agg.scatter(-1, x1, True)
                 zero = torch.where((m_star >= 1).unsqueeze(-1), zero | _original_neighbour_mask(r, x, cfg, neighbours),
                                    zero)
                 nxt = _normalise_or(r.masked_fill(zero, 0.0), uniform)
@@ -530,15 +540,15 @@ def _sibling_chain(
                 r_zeroed = r.masked_fill(_original_neighbour_mask(r, x, cfg, neighbours), 0.0)
                 nxt = _normalise_or((r_zeroed - q_j).clamp(min=0.0), uniform)
             else:  # SpecInfer-style: normalise(max(0, P̃_x − q_j))
-                relaxed = r.masked_fill(agg, 0.0).scatter(-1, x.unsqueeze(-1), p_tilde.unsqueeze(-1))
+                relaxed = r.masked_fill(agg, 0.0).scatter(-1, x1, p_tilde.unsqueeze(-1))
                 nxt = _normalise_or((relaxed - q_j).clamp(min=0.0), relaxed)
-            q_rem = torch.where(valid[..., None], q_rem.scatter(-1, x.unsqueeze(-1), 0.0), q_rem)
-        vr = valid.to(dt)
+            q_rem = torch.where(valid[..., None], q_rem.scatter(-1, x1, 0.0), q_rem)
+        accept_valid = accept_prob * valid.to(dt)
         if law is not None:
-            law = law.scatter_add(-1, x.unsqueeze(-1), (reach * accept_prob * vr).unsqueeze(-1))
-        c_j = (p_tilde - r.gather(-1, x.unsqueeze(-1)).squeeze(-1)).clamp(min=0.0)  # c*_j on r_j
-        spent = spent + reach * c_j * vr
-        reach = reach * (1.0 - accept_prob * vr)
+            law = law.scatter_add(-1, x1, (reach * accept_valid).unsqueeze(-1))
+        if node_budget:  # Σ_{l<j} R_l·c*_l, c*_j = p̃_j(x_j) − r_j(x_j) (the relaxed mass moved onto x_j)
+            spent = spent + reach * (p_tilde - p_x).clamp(min=0.0) * valid.to(dt)
+        reach = reach * (1.0 - accept_valid)
         r = torch.where(valid.unsqueeze(-1), nxt, r)
     if law is not None:
         law = law + reach.unsqueeze(-1) * r
