@@ -257,7 +257,7 @@ class SpeculativeDecoder:
         vocab = self.target.lm_head.weight.shape[0]
         tokens = torch.zeros(batch, n, dtype=torch.long, device=dev)
         tokens[:, 0] = roots
-        q = torch.zeros(batch, n, vocab, device=dev)
+        q_levels = []  # Q at every node that has children, level by level (one cat at the end)
         node_out = torch.zeros(rows, n, h_root.shape[-1], device=dev, dtype=h_root.dtype)
         node_out[:, 0] = h_root[:, -1]
         base = pos_rows[:batch] - self._prefix_len + 1  # (B,) image-token index of each root's children
@@ -278,12 +278,14 @@ class SpeculativeDecoder:
                 node_out[:, lo:hi] = out
             index = base[:, None] + d if self._needs_index else None
             q_level = self._draft_q(self._draft_logits(node_out[:, lo:hi], index))
-            q[:, lo:hi] = q_level
+            q_levels.append(q_level)
             if self.sampling.greedy:  # greedy verification only needs the likeliest drafts
                 draws = torch.topk(q_level, width, dim=-1).indices
             else:  # Gumbel-top-k: draws without replacement from Q, in sampling order
                 draws = torch.topk(torch.log(q_level) + gumbel[:, lo:hi], width, dim=-1).indices  # (B, level, C)
             tokens[:, lv["kid_nodes"]] = draws.flatten(1)[:, lv["kid_src"]]
+        leaves = n - offsets[tmpl.max_depth]  # the deepest level is never expanded: no Q there
+        q = torch.cat(q_levels + [torch.zeros(batch, leaves, vocab, device=dev)], 1)
         return TreeBatch(tokens=tokens, parents=tmpl.parents.expand(batch, n), depths=tmpl.depths.expand(batch, n),
                          tree_mask=tmpl.tree_mask.expand(batch, n, n), children=plan["children"].expand(batch, -1, -1),
                          child_rank=plan["rank"].expand(batch, n), num_nodes=[n] * batch, max_depth=tmpl.max_depth,
