@@ -25,8 +25,9 @@ realised per-node TVD, same tokens, fewer ops). Example:
 ``lantern:delta=0.2,k=20 lantern:delta=0.2,budget=sibling lantern++:lam=5,tree=naive_extend_57``.
 The per-node TVD columns are the realised shift of the emitted tokens (``VerifyResult.node_tvd``).
 Drafter-free (Speculative Jacobi Decoding, same engine): sjd, mc-sjd (maximal coupling), gsd (grouped acceptance
-on SJD drafts; keys group, k, coupling=1 for MC-SJD drafts), sjd+lantern (δ), sjd+lantern++ (λ); key window
-(Jacobi window, default 16). Example: ``sjd mc-sjd gsd:group=10 sjd+lantern:delta=0.2``.
+on SJD drafts; keys rank_window (7), prob_gap (0.15), dist (0.5) as ``--gsd_*``, coupling=1 for MC-SJD drafts),
+sjd+lantern (δ), sjd+lantern++ (λ); key window (Jacobi window, default 16).
+Example: ``sjd mc-sjd gsd gsd:prob_gap=0.3 sjd+lantern:delta=0.2``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from entrypoints.validation import (
     check_number,
     parse_number,
     validate_benchmark_setting,
+    validate_gsd,
     validate_sampling_args,
 )
 from models.profiling import spread
@@ -119,9 +121,12 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     for key in ("delta", "lam"):
         if key in opts:
             out[key] = parse_number(opts.pop(key), float, f"{what} {key}")
-    for key in ("top_k_draft", "depth", "total_token", "window", "group", "coupling"):
+    for key in ("top_k_draft", "depth", "total_token", "window", "coupling", "rank_window"):
         if key in opts:
             out[key] = parse_number(opts.pop(key), int, f"{what} {key}")
+    for key in ("prob_gap", "dist"):  # GSD's group thresholds
+        if key in opts:
+            out[key] = parse_number(opts.pop(key), float, f"{what} {key}")
     for key in ("budget", "residual"):  # relaxation variants (models/drafters/acceptance.py)
         if key in opts:
             out[key] = opts.pop(key)
@@ -144,9 +149,12 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     relaxed = name.removeprefix("sjd+") if name.removeprefix("sjd+").startswith("lantern") else None
     if ("budget" in out or "residual" in out) and relaxed is None:
         raise ValueError(f"{text!r}: budget / residual apply to lantern and lantern++ only")
+    gsd_keys = [key for key in ("rank_window", "prob_gap", "dist") if key in out]
+    if gsd_keys and name != "gsd":
+        raise UserError(f"setting {text!r}: {', '.join(gsd_keys)} apply to gsd only")
     validate_benchmark_setting(out)
-    for key in ("window", "group"):  # the Jacobi settings' sizes
-        check_number(f"setting {text!r}: {key}", out.get(key), lo=1)
+    validate_gsd(out.get("rank_window"), out.get("prob_gap"), out.get("dist"), where=f"setting {text!r}: ")
+    check_number(f"setting {text!r}: window", out.get("window"), lo=1)  # the Jacobi window
     if relaxed:  # the rule's own checks of the values, before any model loads
         from models.drafters.acceptance import AcceptConfig
 
@@ -159,7 +167,7 @@ JACOBI_SETTINGS = ("sjd", "mc-sjd", "gsd", "sjd+lantern", "sjd+lantern++")
 
 
 def needs_neighbours(name: str) -> bool:
-    return name.endswith("lantern") or name.endswith("lantern++") or name == "gsd"
+    return name.endswith("lantern") or name.endswith("lantern++")
 
 
 def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, neighbours, target=None):
@@ -179,10 +187,11 @@ def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, ne
     if accept.enabled:
         accept = replace(accept, budget=setting.get("budget", DEFAULT_BUDGET), residual=setting.get("residual", "exact"))
     if name == "gsd":
-        from models.drafters.grouped import GroupedAcceptConfig
+        from models.drafters.grouped import GSD_DIST, GSD_PROB_GAP, GSD_RANK_WINDOW, gsd_config_for
 
-        accept = GroupedAcceptConfig(k=setting["k"], group=setting.get("group", 10))
-    nb = neighbours[:, : accept.table_columns] if accept.enabled else None
+        accept = gsd_config_for(family, setting.get("rank_window", GSD_RANK_WINDOW),
+                                setting.get("prob_gap", GSD_PROB_GAP), setting.get("dist", GSD_DIST))
+    nb = neighbours[:, : accept.table_columns] if accept.needs_neighbours else None
     if name in JACOBI_SETTINGS:  # drafter-free: the same round with the Jacobi proposer
         from models.drafters.jacobi import SJD_DEFAULT_WINDOW, JacobiProposer
 

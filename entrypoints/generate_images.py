@@ -119,10 +119,14 @@ def parse_args() -> argparse.ArgumentParser:
     g = p.add_argument_group("Speculative Jacobi Decoding (--model_type sjd; no drafter; --lantern flags apply too)")
     g.add_argument("--sjd_window", type=int, default=16, help="Jacobi window: draft tokens verified per forward")
     g.add_argument("--sjd_coupling", action="store_true", help="MC-SJD: maximal coupling of drafts across iterations")
-    g.add_argument("--gsd", action="store_true", help="GSD grouped acceptance (relaxed; needs the neighbour table)")
-    g.add_argument("--gsd_group", type=int, default=10, help="GSD: size of the dynamic set of most probable tokens")
-    g.add_argument("--gsd_k", type=int, default=None, help="GSD: neighbours of a draft that may join its group "
-                   "(default --lantern_k)")
+    g.add_argument("--gsd", action="store_true", help="GSD grouped acceptance (relaxed; accept x with "
+                   "min(1, p(G)/q(G)), G = tokens near x in p's ranking, in p and in the target's token embeddings)")
+    g.add_argument("--gsd_rank_window", type=int, default=7, help="GSD: the group's candidates are x's rank "
+                   "neighbours in p, w-1 likelier and w less likely (the authors' 7)")
+    g.add_argument("--gsd_prob_gap", type=float, default=0.15, help="GSD: a candidate y joins if |p(y) - p(x)| < this "
+                   "(the authors' 0.15)")
+    g.add_argument("--gsd_dist", type=float, default=0.5, help="GSD: ... and if the squared distance of the target's "
+                   "input embeddings of y and x is < this (the authors' 0.5, for Lumina-mGPT's embedding scale)")
     return p
 
 
@@ -141,16 +145,15 @@ RESUME_KEYS = ["model", "model_type", "model_path", "vq_path", "t5_path", "draft
                "resolved_top_p", "resolved_cfg", "resolved_precision", "lantern", "lantern_k", "lantern_delta",
                "lantern_tvd", "lantern_lambda", "static_tree", "tree_choices", "eagle_version", "cfg_mode",
                "top_k_draft", "depth", "total_token", "drafter_top_k", "lantern_budget", "lantern_residual",
-               "sjd_window", "sjd_coupling", "gsd", "gsd_group", "gsd_k"]
+               "sjd_window", "sjd_coupling", "gsd", "gsd_rank_window", "gsd_prob_gap", "gsd_dist"]
 
 
 def _validate_sjd_args(args: argparse.Namespace) -> None:
     """The Jacobi and GSD flags (``--model_type sjd``; GSD also works on EAGLE trees)."""
-    from entrypoints.validation import check_number
+    from entrypoints.validation import check_number, validate_gsd
 
     check_number("--sjd_window", args.sjd_window, lo=1)
-    check_number("--gsd_group", args.gsd_group, lo=1)
-    check_number("--gsd_k", args.gsd_k, lo=1)
+    validate_gsd(args.gsd_rank_window, args.gsd_prob_gap, args.gsd_dist)
     if args.gsd and args.model_type == "base":
         raise UserError("--gsd (grouped acceptance) needs speculative decoding: add --model_type sjd")
     if args.gsd and (args.lantern or args.lantern_tvd is not None or args.lantern_lambda is not None):

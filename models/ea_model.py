@@ -117,7 +117,7 @@ class SpeculativeDecoder:
         self.accept = accept or AcceptConfig()
         self.tree_cfg = tree or TreeConfig()
         self.allowed_tokens = allowed_tokens
-        if self.accept.enabled and neighbours is None:
+        if self.accept.needs_neighbours and neighbours is None:
             raise ValueError("relaxed acceptance (--lantern) needs a neighbour table (generate_codebook)")
         self.neighbours = neighbours
         self.template = None
@@ -472,13 +472,13 @@ def _add_padded(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 
 def accept_from_args(args, spec, device, family=None) -> tuple[AcceptConfig, torch.Tensor | None]:
     """The acceptance rule the command line describes (exact, LANTERN δ, LANTERN++ λ, or GSD with ``--gsd``)
-    and the neighbour table it needs (None for the exact rule)."""
+    and the neighbour table it needs (None for the exact rule and GSD)."""
     from models.registry import resolve_path
 
     if getattr(args, "gsd", False):
-        from models.drafters.grouped import GroupedAcceptConfig
+        from models.drafters.grouped import gsd_config_for
 
-        accept = GroupedAcceptConfig(k=args.gsd_k or args.lantern_k, group=args.gsd_group)
+        accept = gsd_config_for(family, args.gsd_rank_window, args.gsd_prob_gap, args.gsd_dist)
     elif getattr(args, "lantern_tvd", None) is not None:
         accept = AcceptConfig(relax="lantern", k=args.lantern_k, delta=args.lantern_tvd)
     elif getattr(args, "lantern_lambda", None) is not None:
@@ -489,7 +489,7 @@ def accept_from_args(args, spec, device, family=None) -> tuple[AcceptConfig, tor
         accept = replace(accept, budget=getattr(args, "lantern_budget", "sibling"),
                          residual=getattr(args, "lantern_residual", "exact"))
     neighbours = None
-    if accept.enabled:
+    if accept.needs_neighbours:  # LANTERN's table (GSD uses the target's own token embeddings)
         neighbours = engine_neighbours(family, resolve_path(spec, "codebook", args.codebook_path),
                                        accept.table_columns, device)
     return accept, neighbours
