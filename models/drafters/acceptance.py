@@ -27,6 +27,10 @@ Sibling tests (children of one node, in drafting order x_1, x_2, …; r_1 = p):
 
 With relaxation off both rules are exactly lossless: the output token is distributed as p (tests prove it).
 
+GSD (:mod:`models.drafters.grouped`, a config with ``group_mask``) plugs into the same sibling chain with its own
+test: G_j = the group of x_j built on r_j; accept with min(1, r_j(G_j) / q_j(G_j)) (dynamic: q_j = δ_{x_j}, so
+r_j(G_j)); on rejection r_{j+1} = normalise(max(0, r_j − q_j)), the plain speculative residual.
+
 What δ and λ guarantee (``AcceptConfig.budget``; R_j = P(sibling j is tested) = Π_{l<j}(1 − a_l), a_l the
 acceptance probability of sibling l, c*_j = p̃_j(x_j) − r_j(x_j) the mass moved onto x_j):
 
