@@ -395,7 +395,7 @@ def _profile_markdown(results: list[dict]) -> str:
     """Ops per round and where a round's time goes (one untimed image per setting; first batch size)."""
     from models.profiling import ROUND_PHASES
 
-    head = ("| setting | aten ops / round (AR: / step) | round time (ms) | round ÷ AR step (time, same compile) | "
+    head = ("| setting | aten ops (compiled: launches) / round (AR: / step) | round time (ms) | round ÷ AR step (time, same compile) | "
             "round ÷ AR step (ops) | " + " | ".join(f"{p} %" for p in ROUND_PHASES) + " |")
     lines = [head, "|" + "---|" * (5 + len(ROUND_PHASES))]
     for r in results:
@@ -413,8 +413,9 @@ def _profile_markdown(results: list[dict]) -> str:
         lines.append(f"| {r['setting']} | {p['ops_per_round']:.0f} | {1000 * p['round_s']:.2f} | {rt} | {ro} | "
                      f"{shares} |")
     if any(r.get("compiled") for r in results):
-        lines.append("\naten ops are counted on the eager path (a compiled graph runs outside the dispatch mode); "
-                     "times are those of the setting as run.")
+        lines.append("\ncompiled settings: launches = aten ops dispatched eagerly + the kernel launches of every compiled "
+                     "graph call (generated kernels, extern kernels and aten fallbacks in inductor's wrapper code, "
+                     "models/compiled.py graph_launches); times are those of the setting as run.")
     return "\n".join(lines)
 
 
