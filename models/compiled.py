@@ -150,10 +150,18 @@ class CompiledTarget:
     apart).
     """
 
-    def __init__(self, target, mode: str | None = None, backend: str = "inductor"):
-        self._target, self._mode, self._backend = target, mode, backend
+    def __init__(self, target, mode: str | None = None, backend: str = "inductor", drafter: bool = False):
+        self._target, self._mode, self._backend, self._compile_drafter = target, mode, backend, drafter
         self._run = _CompiledFn(target.forward_hidden, mode, backend)
         self._drafters: dict[int, CompiledDrafter] = {}
+
+    def with_drafter(self, drafter: bool = True) -> CompiledTarget:
+        """The same compiled target (same graphs and counts) with the drafter's compilation switched on/off:
+        the benchmark runs ``compile=1`` and ``compile=2`` settings side by side on one set of graphs."""
+        twin = object.__new__(CompiledTarget)
+        twin.__dict__.update(self.__dict__)
+        twin._compile_drafter = drafter
+        return twin
 
     @property
     def target_graphs(self) -> int | None:
@@ -177,9 +185,12 @@ class CompiledTarget:
     def __getattr__(self, name):  # lm_head, embed_tokens, new_cache, config, embed_condition, ...
         return getattr(self._target, name)
 
-    def compiled_drafter(self, drafter) -> CompiledDrafter:
+    def compiled_drafter(self, drafter) -> CompiledDrafter | None:
         """The drafter's cached forward compiled with the same mode and backend (one wrapper per drafter, shared
-        by every decoder of this target, so settings with the same query counts share graphs)."""
+        by every decoder of this target, so settings with the same query counts share graphs); None unless the
+        target was made with ``drafter=True`` (``--compile_drafter``: off by default, it does not pay on CPU)."""
+        if not self._compile_drafter:
+            return None
         if id(drafter) not in self._drafters:
             self._drafters[id(drafter)] = CompiledDrafter(drafter, self._mode, self._backend)
         return self._drafters[id(drafter)]
@@ -249,9 +260,11 @@ def drafter_q_buckets(tree_cfg, template=None) -> tuple[int, ...]:
     return tuple(sorted({tree_cfg.top_k_draft, tree_cfg.depth + 1}))
 
 
-def compile_target(family, mode: str | None = None, check_only: bool = False) -> CompiledTarget | None:
+def compile_target(family, mode: str | None = None, check_only: bool = False,
+                   drafter: bool = False) -> CompiledTarget | None:
     """Replace ``family.target`` by its compiled wrapper (idempotent); families with other caches are refused.
-    ``check_only``: only refuse (the caller wraps the target itself)."""
+    ``check_only``: only refuse (the caller wraps the target itself). ``drafter``: decoders built on it compile
+    the drafter's forward too."""
     if isinstance(family.target, CompiledTarget):
         return family.target
     probe = family.target.new_cache(1, 1)
@@ -262,7 +275,7 @@ def compile_target(family, mode: str | None = None, check_only: bool = False) ->
                         f"{type(family.target).__name__} has {type(probe).__name__}: run without --compile")
     if check_only:
         return None
-    family.target = CompiledTarget(family.target, mode)
+    family.target = CompiledTarget(family.target, mode, drafter=drafter)
     return family.target
 
 
@@ -272,6 +285,9 @@ def add_compile_args(parser) -> None:
                         help="torch.compile the target's cached forward (AR step, tree verification) with static "
                         "shapes; off by default (on the CPU demo it speeds plain AR up 1.4x but speculative rounds hardly; "
                         "README 'Speed')")
+    parser.add_argument("--compile_drafter", action="store_true",
+                        help="with --compile: compile the drafter's cached forward too (static shapes, query counts "
+                        "padded to the tree's level sizes); off by default: on the CPU demo it is slower than eager")
     parser.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                         help="torch.compile mode; reduce-overhead = CUDA graphs (CUDA only, untested here)")
 

@@ -34,7 +34,7 @@ def _check_same_tokens_and_no_recompile(backend: str):
     torch._dynamo.reset()
     model, io = _fixture_gpt("c2i")
     drafter = _random_drafter(model, 0)
-    compiled = CompiledTarget(model, backend=backend)
+    compiled = CompiledTarget(model, backend=backend, drafter=True)
     first, second = _prefixes(model, io)
     for tree in (None, TREES["dynamic"], CHAIN):  # AR step, dynamic tree, chain
         for sampling in (GREEDY, SAMPLED):
@@ -80,7 +80,8 @@ def test_compiled_drafter_in_a_batch_decodes_like_eager():
     torch._dynamo.reset()
     model, io = _fixture_gpt("c2i")
     drafter = _random_drafter(model, 1)
-    compiled = CompiledTarget(model, backend="eager")
+    compiled = CompiledTarget(model, backend="eager", drafter=True)
+    assert SpeculativeDecoder(compiled.with_drafter(False), drafter, 16, GREEDY, 4.0)._compiled_drafter is None
     cond = io["gen_cond"][:2]
     prefix = _prefix(model, cond, torch.ones(2, 1, dtype=torch.bool), 4.0)
     for sampling, tree in ((GREEDY, TREES["dynamic"]), (SAMPLED, CHAIN)):
