@@ -12,6 +12,16 @@ Outputs: the compiled graph computes the same function; its floating-point resul
 the last bits (fused kernels reorder sums), which could only change a token when two logits tie to those bits
 or a uniform draw falls on a CDF boundary — the tests check greedy and seeded sampled tokens are equal.
 
+The drafter (``--compile_drafter``, benchmark ``compile=2``): :class:`CompiledDrafter` compiles its cached
+forward the same way, with the query count padded to a few fixed sizes (:func:`drafter_q_buckets`), so a run
+compiles one graph per size and nothing after the first image. Off by default: on the CPU demo a compiled call
+of the one-layer drafter costs about what its eager ops cost (dynamo's guards and the wrapper take ~0.1 ms per
+call), measured in the README's "--compile" section.
+
+On CPU inductor's C++ wrapper is used (``cpp_wrapper``): the python wrapper's per-call overhead was a large
+part of a compiled demo step. Op counting (:class:`~models.profiling.OpCounter`) sees a compiled call as the
+kernel launches of its graph (:func:`graph_launches`).
+
 ``mode="reduce-overhead"`` (CUDA graphs) is offered for CUDA; it cannot be tested on this project's CPU machines.
 """
 
@@ -283,8 +293,8 @@ def add_compile_args(parser) -> None:
     """``--compile`` / ``--compile_mode`` (generate_images, benchmark)."""
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the target's cached forward (AR step, tree verification) with static "
-                        "shapes; off by default (on the CPU demo it speeds plain AR up 1.4x but speculative rounds hardly; "
-                        "README 'Speed')")
+                        "shapes; off by default (on the CPU demo it speeds plain AR up 1.8x but speculative rounds hardly; "
+                        "README '--compile')")
     parser.add_argument("--compile_drafter", action="store_true",
                         help="with --compile: compile the drafter's cached forward too (static shapes, query counts "
                         "padded to the tree's level sizes); off by default: on the CPU demo it is slower than eager")
