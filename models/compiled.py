@@ -102,6 +102,8 @@ def graph_launches(source: str | None) -> int | None:
 
 def _active_op_counter():
     """The innermost :class:`~models.profiling.OpCounter` on the dispatch-mode stack, if any."""
+    if not torch._C._len_torch_dispatch_stack():  # the common case: no mode at all
+        return None
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
     from models.profiling import OpCounter

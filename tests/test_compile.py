@@ -176,7 +176,8 @@ def test_benchmark_runs_eager_and_compiled_settings_interleaved(tmp_path):
     import main as cli
 
     cli.main(["benchmark", "--num_images", "2", "--repeats", "1", "--output_dir", str(tmp_path), "--settings", "ar",
-              "ar:compile=1", "lantern++:lam=20,tree=chain_6", "lantern++:lam=20,tree=chain_6,compile=1"])
+              "ar:compile=1", "lantern++:lam=20,tree=chain_6", "lantern++:lam=20,tree=chain_6,compile=1",
+              "lantern++:lam=20,tree=chain_6,compile=2"])
     report = json.loads((tmp_path / "benchmark.json").read_text())
     rows = {r["setting"]: r for r in report["results"]}
     assert rows["ar:compile=1"]["compiled"] and not rows["ar"]["compiled"]
@@ -184,4 +185,8 @@ def test_benchmark_runs_eager_and_compiled_settings_interleaved(tmp_path):
     for eager, comp in (("ar", "ar:compile=1"), ("lantern++:lam=20,tree=chain_6",
                                                   "lantern++:lam=20,tree=chain_6,compile=1")):
         assert rows[eager]["tau"] == rows[comp]["tau"] and rows[eager]["accuracy"] == rows[comp]["accuracy"]
+    both = rows["lantern++:lam=20,tree=chain_6,compile=2"]
+    assert both["tau"] == rows["lantern++:lam=20,tree=chain_6"]["tau"] and both["compiled"]
+    assert both["profile"]["graph_calls_per_round"] > rows["lantern++:lam=20,tree=chain_6,compile=1"]["profile"][
+        "graph_calls_per_round"] > 0  # the drafter's graphs are called (and their launches counted) too
     assert "round_over_ar_step_same_compile" in rows["lantern++:lam=20,tree=chain_6,compile=1"]["profile"]
