@@ -27,6 +27,7 @@ kernel launches of its graph (:func:`graph_launches`).
 
 from __future__ import annotations
 
+import argparse
 import re
 import time
 
@@ -291,15 +292,22 @@ def compile_target(family, mode: str | None = None, check_only: bool = False,
     return family.target
 
 
+class _CompileDrafter(argparse.Action):
+    """``--compile_drafter`` sets ``--compile`` too (a compiled drafter beside an eager target is not offered)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.compile_drafter = namespace.compile = True
+
+
 def add_compile_args(parser) -> None:
     """``--compile`` / ``--compile_mode`` (generate_images, benchmark)."""
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the target's cached forward (AR step, tree verification) with static "
                         "shapes; off by default (on the CPU demo it speeds plain AR up 1.8x but speculative rounds hardly; "
                         "README '--compile')")
-    parser.add_argument("--compile_drafter", action="store_true",
-                        help="with --compile: compile the drafter's cached forward too (static shapes, query counts "
-                        "padded to the tree's level sizes); off by default: on the CPU demo it is slower than eager")
+    parser.add_argument("--compile_drafter", action=_CompileDrafter, nargs=0, default=False,
+                        help="compile the drafter's cached forward too (implies --compile; static shapes, query "
+                        "counts padded to the tree's level sizes); off by default: on the CPU demo it is slower")
     parser.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                         help="torch.compile mode; reduce-overhead = CUDA graphs (CUDA only, untested here)")
 

@@ -129,7 +129,7 @@ class SpeculativeDecoder:
             widest = int(self.template.num_children.max())
             if self.tree_cfg.drafter_top_k is not None and self.tree_cfg.drafter_top_k < widest:
                 raise ValueError(f"--drafter_top_k must be >= the widest node of the tree ({widest})")
-        # --compile: a compiled target compiles the drafter's cached forward too, at a few fixed query counts
+        # --compile_drafter: a compiled target made with drafter=True compiles the drafter's forward too
         make = getattr(target, "compiled_drafter", None) if drafter is not None else None
         self._compiled_drafter = make(drafter) if make is not None else None
         if self._compiled_drafter is not None:

@@ -190,3 +190,15 @@ def test_benchmark_runs_eager_and_compiled_settings_interleaved(tmp_path):
     assert both["profile"]["graph_calls_per_round"] > rows["lantern++:lam=20,tree=chain_6,compile=1"]["profile"][
         "graph_calls_per_round"] > 0  # the drafter's graphs are called (and their launches counted) too
     assert "round_over_ar_step_same_compile" in rows["lantern++:lam=20,tree=chain_6,compile=1"]["profile"]
+
+
+def test_compile_drafter_flag_implies_compile():
+    import argparse
+
+    from models.compiled import add_compile_args
+
+    parser = argparse.ArgumentParser()
+    add_compile_args(parser)
+    assert vars(parser.parse_args(["--compile_drafter"])) == {"compile": True, "compile_drafter": True,
+                                                               "compile_mode": "default"}
+    assert not parser.parse_args(["--compile"]).compile_drafter
