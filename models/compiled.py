@@ -144,7 +144,7 @@ class _CompiledFn:
             if self.counter.last_launches is not None:
                 ops.add_graph_call(self.counter.last_launches)
             return out
-        if key in self._seen:
+        if key in self._seen or ops is not None:  # under a dispatch mode dynamo runs the frame eagerly: no compile
             return self.fn(*args)
         t0 = time.perf_counter()
         out = self.fn(*args)
