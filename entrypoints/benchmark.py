@@ -20,8 +20,8 @@ Setting syntax: ``NAME[:key=value,...]`` with NAME in ar, eagle2 (dynamic tree, 
 exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta, lam, tree, top_k_draft, depth,
 total_token, budget (node, the default | sibling), residual (exact | original | original_lumina), static=1
 (lantern's δ on the static tree ``tree`` instead of a dynamic tree), compile (0 | 1: this setting on the
-torch.compile-d target, so eager and compiled run interleaved in one run), tvd (1 | 0: skip measuring the
-realised per-node TVD, same tokens, fewer ops). Example:
+torch.compile-d target, so eager and compiled run interleaved in one run | 2: the drafter's forward compiled
+too), tvd (1 | 0: skip measuring the realised per-node TVD, same tokens, fewer ops). Example:
 ``lantern:delta=0.2,k=20 lantern:delta=0.2,budget=sibling lantern++:lam=5,tree=naive_extend_57``.
 The per-node TVD columns are the realised shift of the emitted tokens (``VerifyResult.node_tvd``).
 Drafter-free (Speculative Jacobi Decoding, same engine): sjd, mc-sjd (maximal coupling), gsd (grouped acceptance
@@ -133,9 +133,9 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     for key in ("compile", "tvd"):  # compile: this setting on the compiled target; tvd=0: no per-node TVD
         if key in opts:
             flag = opts.pop(key)
-            if flag not in ("0", "1"):
-                raise UserError(f"setting {text!r}: {key} is 0 or 1, got {flag!r}")
-            out[key] = flag == "1"
+            if flag not in ("0", "1") and not (key == "compile" and flag == "2"):  # compile=2: the drafter too
+                raise UserError(f"setting {text!r}: {key} is 0 or 1{' (or 2)' * (key == 'compile')}, got {flag!r}")
+            out[key] = 2 if flag == "2" else flag == "1"
     if "static" in opts:  # LANTERN's δ on a static tree
         if name != "lantern" or opts["static"] not in ("0", "1"):
             raise ValueError(f"{text!r}: static=0/1 applies to lantern only (lantern++ and eagle1 are static)")
@@ -234,7 +234,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if args.compile:  # every setting, AR included, runs the same compiled target
         from models.compiled import compile_target
 
-        compile_target(family, args.compile_mode)
+        compile_target(family, args.compile_mode, drafter=args.compile_drafter)
     settings = [parse_setting(s, args.lantern_k, args.tree_choices) for s in args.settings]
     drafter = neighbours = None
     if any(s["name"] != "ar" and s["name"] not in JACOBI_SETTINGS for s in settings):
@@ -259,6 +259,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         compile_target(family, args.compile_mode, check_only=True)
         compiled = CompiledTarget(family.target, args.compile_mode)
     targets = {s["label"]: compiled if s.get("compile") and compiled is not None else family.target for s in settings}
+    for s in settings:  # compile=2: the same compiled target, with the drafter's forward compiled too
+        if s.get("compile") == 2:
+            targets[s["label"]] = (compiled or family.target).with_drafter()
     decoders = {s["label"]: None if s["name"] == "ar" else build_decoder(family, drafter, s, sampling, cfg_scale,
                                                                          neighbours, targets[s["label"]])
                 for s in settings}
@@ -404,7 +407,7 @@ def _profile_markdown(results: list[dict]) -> str:
     """Ops per round and where a round's time goes (one untimed image per setting; first batch size)."""
     from models.profiling import ROUND_PHASES
 
-    head = ("| setting | aten ops / round (AR: / step) | round time (ms) | round ÷ AR step (time, same compile) | "
+    head = ("| setting | aten ops / round (AR: / step; compiled: launches) | round time (ms) | round ÷ AR step (time, same compile) | "
             "round ÷ AR step (ops) | " + " | ".join(f"{p} %" for p in ROUND_PHASES) + " |")
     lines = [head, "|" + "---|" * (5 + len(ROUND_PHASES))]
     for r in results:
@@ -422,8 +425,9 @@ def _profile_markdown(results: list[dict]) -> str:
         lines.append(f"| {r['setting']} | {p['ops_per_round']:.0f} | {1000 * p['round_s']:.2f} | {rt} | {ro} | "
                      f"{shares} |")
     if any(r.get("compiled") for r in results):
-        lines.append("\naten ops are counted on the eager path (a compiled graph runs outside the dispatch mode); "
-                     "times are those of the setting as run.")
+        lines.append("\ncompiled settings: launches = aten ops dispatched eagerly + the kernel launches of every compiled "
+                     "graph call (generated kernels, extern kernels and aten fallbacks in inductor's wrapper code, "
+                     "models/compiled.py graph_launches); times are those of the setting as run.")
     return "\n".join(lines)
 
 

@@ -129,6 +129,13 @@ class SpeculativeDecoder:
             widest = int(self.template.num_children.max())
             if self.tree_cfg.drafter_top_k is not None and self.tree_cfg.drafter_top_k < widest:
                 raise ValueError(f"--drafter_top_k must be >= the widest node of the tree ({widest})")
+        # --compile_drafter: a compiled target made with drafter=True compiles the drafter's forward too
+        make = getattr(target, "compiled_drafter", None) if drafter is not None else None
+        self._compiled_drafter = make(drafter) if make is not None else None
+        if self._compiled_drafter is not None:
+            from models.compiled import drafter_q_buckets
+
+            self._q_buckets = drafter_q_buckets(self.tree_cfg, self.template)
 
     # ------------------------------------------------------------------------------------------ helpers
     def _combine(self, logits: torch.Tensor, index=None) -> torch.Tensor:
@@ -152,6 +159,9 @@ class SpeculativeDecoder:
     def _run_drafter(self, feats, ids, rope_pos, cache, cache_pos, mask):
         rows = feats.shape[0]
         ids = ids.expand(rows, -1) if ids.shape[0] == 1 else ids
+        if self._compiled_drafter is not None:
+            return self._compiled_drafter(feats.to(self.drafter_dtype), ids, rope_pos, cache, cache_pos, mask,
+                                          self._q_buckets)
         return self.drafter(feats.to(self.drafter_dtype), ids, rope_pos, cache, cache_pos, mask)
 
     # ------------------------------------------------------------------------------------------ trees
