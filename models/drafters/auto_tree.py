@@ -37,7 +37,8 @@ printed when it changes, and every image's statistics record the tree it used.
 With ``--compile`` each tree size is one compiled graph (compiled in the calibration's warm-up pass); dynamo's
 recompile limit is raised to the number of candidate sizes so that none of them falls back to eager.
 
-Candidates: chains of 1..8 drafts and the shipped static trees (``mc_sim_7b_63``). The dynamic EAGLE-2 tree is not
+Candidates: chains of 1..8 drafts and the shipped static trees (``mc_sim_7b_63``, ``naive_extend_57``; among
+chains nodes = depth + 1, so the two trees are what separates the per-node from the per-level cost in the fit). The dynamic EAGLE-2 tree is not
 a candidate: its drafts are the drafter's top-k, not samples, so the sampled-draft statistics do not predict it.
 """
 
@@ -54,7 +55,7 @@ import torch
 from models.drafters.choices import get_tree_choices
 from models.drafters.tree import StaticTreeTemplate
 
-DEFAULT_CANDIDATES = tuple(f"chain_{n}" for n in range(1, 9)) + ("mc_sim_7b_63",)
+DEFAULT_CANDIDATES = tuple(f"chain_{n}" for n in range(1, 9)) + ("mc_sim_7b_63", "naive_extend_57")
 START_TREE = "mc_sim_7b_63"  # the tree a not-yet-calibrated decoder holds (any candidate would do)
 
 
@@ -242,6 +243,8 @@ class AutoTreeDecoder:
 
     # the engine's attributes the benchmark sets or reads (profiler, measure_shift, ...) are the decoder's
     def __getattr__(self, name):
+        if name == "decoder":  # not set yet (during __init__ or unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.decoder, name)
 
     @property
