@@ -233,10 +233,10 @@ def run_generate_image(args: argparse.Namespace) -> dict:
         from models.ea_model import build_speculative_decoder
 
         decoder = build_speculative_decoder(family, args, sampling, cfg_scale)
-        if args.tree == "auto" and items:  # measure every candidate's round here, on the first prompt
+        if args.tree == "auto" and items:  # measure every candidate's round here, on the first batch
             from models.drafters.auto_tree import auto_tree_for_run
 
-            decoder = auto_tree_for_run(decoder, family, items[0][1], cfg_scale)
+            decoder = auto_tree_for_run(decoder, family, [p for _, p in items[: args.batch_size]], cfg_scale)
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

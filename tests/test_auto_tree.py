@@ -210,15 +210,17 @@ def test_auto_decoder_stays_greedy_identical_across_tree_changes(demo):
 def test_cli_tree_auto_records_the_calibration_and_the_choice(demo, tmp_path, capsys):
     out = tmp_path / "auto"
     cli.main(["generate_images", "--model", "demo", "--model_type", "eagle", "--lantern_lambda", "20",
-              "--tree", "auto", "--num_images", "2", "--set_seed", "--output_dir", str(out)])
+              "--tree", "auto", "--num_images", "3", "--batch_size", "2", "--set_seed", "--output_dir", str(out)])
     cfg = json.loads((out / "generation_configs.json").read_text())
     auto = cfg["auto_tree"]
     assert set(auto["calibration"]["measured_round_ms"]) == set(auto["candidates"])
-    assert all(v > 0 for v in auto["calibration"]["model_round_ms"].values())
+    assert all(v > 0 for v in auto["calibration"]["measured_round_ms"].values())
+    assert set(auto["calibration"]["fitted_round_ms"]) == set(auto["candidates"])
     chosen = auto["choices"][0]["tree"]
     assert chosen in auto["candidates"] and auto["final_scores"][0]["tree"] == auto["choices"][-1]["tree"]
-    stats = json.loads((out / "global_statistics_0_2.json").read_text())
-    assert stats["prompt_0"]["tree"] == chosen and stats["prompt_1"]["tree"] in auto["candidates"]
+    stats = json.loads((out / "global_statistics_0_3.json").read_text())  # batches of 2 and 1 prompts
+    assert stats["prompt_0"]["tree"] == stats["prompt_1"]["tree"] == chosen
+    assert stats["prompt_2"]["tree"] in auto["candidates"]
     assert f"auto tree: {chosen}" in capsys.readouterr().err
 
 

@@ -4,15 +4,17 @@ Why: the best tree depends on two things that change from machine to machine and
 round costs here (a verification forward over n nodes, the drafter's levels, the round's fixed overhead) and how
 far drafts get accepted (model, drafter, acceptance rule). Neither can be fixed in advance, so both are measured.
 
-**Cost** (:meth:`AutoTreeDecoder.calibrate`, once at the start): every candidate decodes the calibration prompt
+**Cost** (:meth:`AutoTreeDecoder.calibrate`, once at the start): every candidate decodes the calibration prompts
 ``1 + repeats`` times, candidates interleaved in a rotated order so that a change of machine load hits all alike;
-the first pass is warm-up (and, with ``--compile``, the compilation of that tree size). A round of each candidate
-is timed directly — drafter catch-up, tree building, target forward, verification and commit as the engine runs
-them — rather than composed from ``benchmark --verify_cost``'s per-node forward cost alone, because on small
-models the drafter's levels and the fixed per-round overhead dominate and a verify-only model would miss them.
-The medians of the loop time per round are then fitted by ``round_s ≈ c0 + c1 · nodes + c2 · depth``
-(:func:`fit_round_cost`: per-round overhead, target cost per verified node, drafter cost per level; all ≥ 0),
-which smooths the noise of single timings; ``setup_s`` (prefill, caches) is the median time outside the loop.
+the first pass is warm-up (and, with ``--compile``, the compilation of that tree size). Every round is timed
+directly — drafter catch-up, tree building, target forward, verification and commit as the engine runs them —
+rather than composed from ``benchmark --verify_cost``'s per-node forward cost alone, because on small models the
+drafter's levels and the fixed per-round overhead dominate and a verify-only model would miss them. A
+candidate's cost ``round_s`` is its median round (robust to the load spikes of a shared machine), ``setup_s``
+(prefill, caches) the median time outside the loop. For the report the medians are also decomposed as
+``round_s ≈ c0 + c1 · nodes + c2 · depth`` (:func:`fit_round_cost`: per-round overhead, target cost per verified
+node, drafter cost per level); the choice uses the measured medians, since costs need not be linear in the tree
+size (on a GPU a forward costs about the same up to some node count).
 
 **Acceptance** (:class:`AcceptanceStats`): for every verified round and every prompt, each sibling test along
 the walked path is counted by (depth d, sibling rank r): the children of a node are tested in rank order until
@@ -164,8 +166,8 @@ def choose(candidates: Sequence[Candidate], stats: AcceptanceStats, num_tokens: 
 def fit_round_cost(points: Sequence[tuple[int, int, float]]) -> tuple[float, float, float]:
     """Least-squares ``round_s ≈ c0 + c1 · nodes + c2 · depth`` over (nodes, depth, seconds) measurements, every
     coefficient ≥ 0 (a negative one is dropped and the rest refitted): a fixed per-round overhead, the target's
-    cost per verified node and the drafter's cost per tree level. Fitting all candidates at once smooths the
-    noise of single timings; with fewer points than free coefficients the plain mean is the overhead."""
+    cost per verified node and the drafter's cost per tree level (the calibration's report of where a round's
+    time goes); with fewer points than free coefficients the plain mean is the overhead."""
     active = [0, 1, 2]
     while True:
         if len(points) < len(active) or not active:
@@ -187,24 +189,26 @@ def round_cost(coef: tuple[float, float, float], nodes: int, depth: int) -> floa
 
 
 class _RoundClock:
-    """A phase marker (the engine's ``profiler`` interface) that only times the loop and counts its rounds."""
+    """A phase marker (the engine's ``profiler`` interface) that only times each round of the loop."""
 
     def __init__(self, device: torch.device):
-        self.device, self.rounds, self.start, self.end = device, 0, None, None
+        self.device, self.rounds = device, []  # seconds of every round, in order
+        self.start = self._t = None
 
     def mark(self, name: str | None) -> None:
-        if name == "drafter":
-            self.rounds += 1
-            if self.start is None:
-                self.start = time.perf_counter()
-        elif name is None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.end = time.perf_counter()
+        if name != "drafter" and name is not None:
+            return
+        if name is None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self._t is not None:
+            self.rounds.append(now - self._t)
+        self.start = now if self.start is None else self.start
+        self._t = now if name is not None else None
 
     @property
     def loop_s(self) -> float:
-        return (self.end or 0.0) - (self.start or 0.0)
+        return sum(self.rounds)
 
 
 class AutoTreeDecoder:
@@ -270,7 +274,8 @@ class AutoTreeDecoder:
         dec = self.decoder
         saved = dec.profiler
         dev = prefix.embeddings.device
-        times: dict[str, list[tuple[float, float]]] = {c.name: [] for c in self.candidates}
+        rounds: dict[str, list[float]] = {c.name: [] for c in self.candidates}  # every timed round
+        setups: list[float] = []
         t0 = time.perf_counter()
         try:
             for p in range(1 + self.repeats):
@@ -282,19 +287,22 @@ class AutoTreeDecoder:
                     dec.profiler = clock
                     _, st = dec.generate(prefix, generators_fn(p))
                     if p > 0:  # pass 0: warm-up / compilation
-                        times[c.name].append((clock.loop_s / max(clock.rounds, 1), st.latency - clock.loop_s))
+                        rounds[c.name] += clock.rounds
+                        setups.append(st.latency - clock.loop_s)
         finally:
             dec.profiler = saved
-        measured = {c.name: statistics.median(r for r, _ in times[c.name]) for c in self.candidates}
-        setup = statistics.median(s for v in times.values() for _, s in v)  # the same work for every tree
+        # the median round: a load spike on this shared machine hits a few rounds, not the estimate
+        measured = {c.name: statistics.median(rounds[c.name]) for c in self.candidates}
+        setup = statistics.median(setups)  # the same work for every tree
         coef = fit_round_cost([(c.nodes, c.template.max_depth, measured[c.name]) for c in self.candidates])
         for c in self.candidates:
-            c.round_s, c.setup_s = round_cost(coef, c.nodes, c.template.max_depth), setup
+            c.round_s, c.setup_s = measured[c.name], setup
         self.calibration = {
             "seconds": time.perf_counter() - t0, "repeats": self.repeats, "threads": torch.get_num_threads(),
             "measured_round_ms": {n: round(1000 * v, 3) for n, v in measured.items()},
             "round_cost_ms": {"per_round": 1000 * coef[0], "per_node": 1000 * coef[1], "per_level": 1000 * coef[2]},
-            "model_round_ms": {c.name: round(1000 * c.round_s, 3) for c in self.candidates},
+            "fitted_round_ms": {c.name: round(1000 * round_cost(coef, c.nodes, c.template.max_depth), 3)
+                                for c in self.candidates},
             "setup_ms": 1000 * setup,
             "prior_acceptance_rank0_by_depth": self.stats.summary(),
         }
@@ -374,9 +382,10 @@ def check_tree_args(args, explicit_tree_choices: bool) -> None:
     args.static_tree = True  # candidates are static trees of sampled drafts
 
 
-def auto_tree_for_run(decoder, family, prompt: str, cfg_scale: float, repeats: int = 2) -> AutoTreeDecoder:
-    """Wrap ``decoder`` and calibrate it on ``prompt`` before the first image (the cost goes in the config)."""
+def auto_tree_for_run(decoder, family, prompts: list[str], cfg_scale: float, repeats: int = 2) -> AutoTreeDecoder:
+    """Wrap ``decoder`` and calibrate it on the run's first batch of ``prompts`` (round costs depend on the batch
+    size) before the first image; the calibration goes in the generation config."""
     auto = AutoTreeDecoder(decoder, repeats=repeats)
     dev = family.device
-    auto.calibrate(family.build_prefix([prompt], cfg_scale), _fresh_like([torch.Generator(device=dev)]))
+    auto.calibrate(family.build_prefix(prompts, cfg_scale), _fresh_like([torch.Generator(device=dev)] * len(prompts)))
     return auto
