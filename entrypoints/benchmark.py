@@ -21,7 +21,9 @@ exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta,
 total_token, budget (node, the default | sibling), residual (exact | original | original_lumina), static=1
 (lantern's δ on the static tree ``tree`` instead of a dynamic tree), compile (0 | 1: this setting on the
 torch.compile-d target, so eager and compiled run interleaved in one run | 2: the drafter's forward compiled
-too), tvd (1 | 0: skip measuring the realised per-node TVD, same tokens, fewer ops). Example:
+too), tvd (1 | 0: skip measuring the realised per-node TVD, same tokens, fewer ops); tree=auto (static settings:
+the tree picked by ``--tree auto``'s cost and acceptance model, calibrated in the warm-up and re-picked between
+batches). Example:
 ``lantern:delta=0.2,k=20 lantern:delta=0.2,budget=sibling lantern++:lam=5,tree=naive_extend_57``.
 The per-node TVD columns are the realised shift of the emitted tokens (``VerifyResult.node_tvd``).
 Drafter-free (Speculative Jacobi Decoding, same engine): sjd, mc-sjd (maximal coupling), gsd (grouped acceptance
@@ -201,12 +203,15 @@ def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, ne
         return SpeculativeDecoder(target or family.target, None, family.num_image_tokens, sampling, cfg_scale, accept,
                                   neighbours=nb, allowed_tokens=family.allowed_tokens, proposer=proposer)
     kw = {k: setting[k] for k in ("top_k_draft", "depth", "total_token") if k in setting}
-    choices = tuple(tuple(c) for c in get_tree_choices(setting["tree"])) if static else None
+    auto = setting["tree"] == "auto"  # tree=auto: calibrated and re-picked (models/drafters/auto_tree.py)
+    if auto:
+        from models.drafters.auto_tree import START_TREE, AutoTreeDecoder
+    choices = tuple(tuple(c) for c in get_tree_choices(START_TREE if auto else setting["tree"])) if static else None
     tree = TreeConfig(static_choices=choices, **kw)
     dec = SpeculativeDecoder(target or family.target, drafter, family.num_image_tokens, sampling, cfg_scale, accept,
                              tree, nb, family.allowed_tokens)
     dec.measure_shift = setting.get("tvd", True)
-    return dec
+    return AutoTreeDecoder(dec) if auto else dec  # calibrates in the (untimed) warm-up call
 
 
 def _demo_classifier(device):
@@ -338,6 +343,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 width = max(len(d) for d in a["depth"])
                 cols = [[d[j] for d in a["depth"] if j < len(d) and d[j] == d[j]] for j in range(width)]
                 row["acceptance_by_depth"] = [statistics.mean(c) if c else None for c in cols]
+            if hasattr(decoders[s["label"]], "report"):  # tree=auto: calibration and every change of tree
+                row["auto_tree"] = decoders[s["label"]].report()
             if args.save_images:
                 from torchvision.utils import save_image
 
@@ -549,8 +556,13 @@ def main(argv: list[str] | None = None) -> None:
         parse_setting(s, args.lantern_k, args.tree_choices)
     from models.drafters.choices import get_tree_choices
 
-    for tree in {parse_setting(s, args.lantern_k, args.tree_choices)["tree"] for s in args.settings}:
-        get_tree_choices(tree)  # a bad tree name fails now, not after the first settings ran
+    for s in args.settings:  # a bad tree name fails now, not after the first settings ran
+        setting = parse_setting(s, args.lantern_k, args.tree_choices)
+        static = setting["name"] in ("eagle1", "lantern++") or setting.get("static", False)
+        if setting["tree"] == "auto" and not static:
+            raise UserError(f"setting {s!r}: tree=auto picks a static tree (eagle1, lantern++, lantern with static=1)")
+        if setting["tree"] != "auto":
+            get_tree_choices(setting["tree"])
     if min(args.batch_size) < 1:
         raise UserError(f"--batch_size must be >= 1, got {min(args.batch_size)}")
     print(f"benchmark: {threads} intra-op thread(s)"  # after validation: an error stays the first line

@@ -105,6 +105,9 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--tree_choices", default=None,
                    help="static tree: a named choice list (mc_sim_7b_63, naive_extend_57, chain_<n>) or a JSON list of "
                    "paths (default mc_sim_7b_63)")
+    from models.drafters.auto_tree import add_tree_arg
+
+    add_tree_arg(g)
     g.add_argument("--eagle_version", type=int, default=2, choices=[1, 2], help="1 = static tree, 2 = dynamic tree")
     g.add_argument("--cfg_mode", default="parallel", choices=["sequential", "parallel"],
                    help="Chameleon (Anole / Lumina-mGPT) CFG layout: one padded batch (parallel) or two caches "
@@ -144,7 +147,7 @@ RESUME_KEYS = ["model", "model_type", "model_path", "vq_path", "t5_path", "draft
                "prompt", "prompt_dir", "set_seed", "random_seed", "resolved_temperature", "resolved_top_k",
                "resolved_top_p", "resolved_cfg", "resolved_precision", "lantern", "lantern_k", "lantern_delta",
                "lantern_tvd", "lantern_lambda", "static_tree", "tree_choices", "eagle_version", "cfg_mode",
-               "top_k_draft", "depth", "total_token", "drafter_top_k", "lantern_budget", "lantern_residual",
+               "top_k_draft", "depth", "total_token", "drafter_top_k", "tree", "lantern_budget", "lantern_residual",
                "sjd_window", "sjd_coupling", "gsd", "gsd_rank_window", "gsd_prob_gap", "gsd_dist"]
 
 
@@ -197,7 +200,11 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def run_generate_image(args: argparse.Namespace) -> dict:
     """Generate every selected prompt; returns the statistics dict that is also written to disk."""
+    explicit_tree = args.tree_choices is not None
     args = resolve_defaults(args)
+    from models.drafters.auto_tree import check_tree_args
+
+    check_tree_args(args, explicit_tree)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.model_type == "vllm":
@@ -229,6 +236,10 @@ def run_generate_image(args: argparse.Namespace) -> dict:
         from models.ea_model import build_speculative_decoder
 
         decoder = build_speculative_decoder(family, args, sampling, cfg_scale)
+        if args.tree == "auto" and items:  # measure every candidate's round here, on the first batch
+            from models.drafters.auto_tree import auto_tree_for_run
+
+            decoder = auto_tree_for_run(decoder, family, [p for _, p in items[: args.batch_size]], cfg_scale)
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,6 +251,8 @@ def run_generate_image(args: argparse.Namespace) -> dict:
     config.update(resolved_temperature=sampling.temperature, resolved_top_k=sampling.top_k,
                   resolved_top_p=sampling.top_p, resolved_cfg=cfg_scale, resolved_device=str(device),
                   resolved_precision=str(dtype).replace("torch.", ""))
+    if getattr(decoder, "calibration", None) is not None:  # --tree auto: round costs and the first choice
+        config["auto_tree"] = decoder.report()
     check_same_settings(out / "generation_configs.json", config, RESUME_KEYS, args.overwrite)
     lock = OutputLock(out, f"generate_images.rank{ctx.rank}").acquire()
     if ctx.is_main:
@@ -291,6 +304,9 @@ def run_generate_image(args: argparse.Namespace) -> dict:
                             tau=f"{sum(p['step_compression'] for p in per_prompt) / len(chunk):.2f}")
     finally:
         bar.close()
+    if ctx.is_main and hasattr(decoder, "report"):  # --tree auto: every change of tree, with its reason
+        config["auto_tree"] = decoder.report()
+        write_json_atomic(config, out / "generation_configs.json")
     if args.compile and todo:
         from models.compiled import compile_report
 

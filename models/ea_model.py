@@ -124,15 +124,26 @@ class SpeculativeDecoder:
         self.profiler = None  # models.profiling.PhaseProfiler: phase marks for the benchmark (None = no cost)
         # the realised per-node TVD (issue 13) costs ~40 % of a relaxed verify's ops; off: same tokens, no TVD stats
         self.measure_shift = True
+        self.round_observer = None  # called as (trees, results) after each verification (``--tree auto``'s statistics)
         if self.tree_cfg.static_choices is not None:
-            self.template = StaticTreeTemplate.from_choices(self.tree_cfg.static_choices)
-            widest = int(self.template.num_children.max())
-            if self.tree_cfg.drafter_top_k is not None and self.tree_cfg.drafter_top_k < widest:
-                raise ValueError(f"--drafter_top_k must be >= the widest node of the tree ({widest})")
+            self.set_static_tree(self.tree_cfg.static_choices)
         # --compile_drafter: a compiled target made with drafter=True compiles the drafter's forward too
         make = getattr(target, "compiled_drafter", None) if drafter is not None else None
         self._compiled_drafter = make(drafter) if make is not None else None
         if self._compiled_drafter is not None:
+            from models.compiled import drafter_q_buckets
+
+            self._q_buckets = drafter_q_buckets(self.tree_cfg, self.template)
+
+    def set_static_tree(self, choices) -> None:
+        """Decode with the static tree ``choices`` from the next :meth:`generate` on (``--tree auto`` re-picks
+        the tree between images; everything sized by the tree is derived from ``tree_cfg`` per call)."""
+        self.tree_cfg = replace(self.tree_cfg, static_choices=tuple(tuple(c) for c in choices))
+        self.template = StaticTreeTemplate.from_choices(self.tree_cfg.static_choices)
+        widest = int(self.template.num_children.max())
+        if self.tree_cfg.drafter_top_k is not None and self.tree_cfg.drafter_top_k < widest:
+            raise ValueError(f"--drafter_top_k must be >= the widest node of the tree ({widest})")
+        if getattr(self, "_compiled_drafter", None) is not None:  # the drafter's query buckets follow the tree
             from models.compiled import drafter_q_buckets
 
             self._q_buckets = drafter_q_buckets(self.tree_cfg, self.template)
@@ -361,6 +372,8 @@ class SpeculativeDecoder:
             else:
                 results = [verify_tree(tr, probs[i, : tr.num_nodes], self.accept, self.neighbours, greedy,
                                        prompt_generator(gens, i), self.measure_shift) for i, tr in enumerate(trees)]
+            if self.round_observer is not None:
+                self.round_observer(trees, results)
             # 5. commit: each prompt's accepted path moves to the end of its own committed prefix
             if prof is not None:
                 prof.mark("commit")
