@@ -20,13 +20,16 @@ Setting syntax: ``NAME[:key=value,...]`` with NAME in ar, eagle2 (dynamic tree, 
 exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta, lam, tree, top_k_draft, depth,
 total_token, budget (node, the default | sibling), residual (exact | original | original_lumina), static=1
 (lantern's δ on the static tree ``tree`` instead of a dynamic tree), compile (0 | 1: this setting on the
-torch.compile-d target, so eager and compiled run interleaved in one run), tvd (1 | 0: skip measuring the
-realised per-node TVD, same tokens, fewer ops). Example:
+torch.compile-d target, so eager and compiled run interleaved in one run | 2: the drafter's forward compiled
+too), tvd (1 | 0: skip measuring the realised per-node TVD, same tokens, fewer ops); tree=auto (static settings:
+the tree picked by ``--tree auto``'s cost and acceptance model, calibrated in the warm-up and re-picked between
+batches). Example:
 ``lantern:delta=0.2,k=20 lantern:delta=0.2,budget=sibling lantern++:lam=5,tree=naive_extend_57``.
 The per-node TVD columns are the realised shift of the emitted tokens (``VerifyResult.node_tvd``).
 Drafter-free (Speculative Jacobi Decoding, same engine): sjd, mc-sjd (maximal coupling), gsd (grouped acceptance
-on SJD drafts; keys group, k, coupling=1 for MC-SJD drafts), sjd+lantern (δ), sjd+lantern++ (λ); key window
-(Jacobi window, default 16). Example: ``sjd mc-sjd gsd:group=10 sjd+lantern:delta=0.2``.
+on SJD drafts; keys rank_window (7), prob_gap (0.15), dist (0.5) as ``--gsd_*``, coupling=1 for MC-SJD drafts),
+sjd+lantern (δ), sjd+lantern++ (λ); key window (Jacobi window, default 16).
+Example: ``sjd mc-sjd gsd gsd:prob_gap=0.3 sjd+lantern:delta=0.2``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from entrypoints.validation import (
     check_number,
     parse_number,
     validate_benchmark_setting,
+    validate_gsd,
     validate_sampling_args,
 )
 from models.profiling import spread
@@ -119,18 +123,21 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     for key in ("delta", "lam"):
         if key in opts:
             out[key] = parse_number(opts.pop(key), float, f"{what} {key}")
-    for key in ("top_k_draft", "depth", "total_token", "window", "group", "coupling"):
+    for key in ("top_k_draft", "depth", "total_token", "window", "coupling", "rank_window"):
         if key in opts:
             out[key] = parse_number(opts.pop(key), int, f"{what} {key}")
+    for key in ("prob_gap", "dist"):  # GSD's group thresholds
+        if key in opts:
+            out[key] = parse_number(opts.pop(key), float, f"{what} {key}")
     for key in ("budget", "residual"):  # relaxation variants (models/drafters/acceptance.py)
         if key in opts:
             out[key] = opts.pop(key)
     for key in ("compile", "tvd"):  # compile: this setting on the compiled target; tvd=0: no per-node TVD
         if key in opts:
             flag = opts.pop(key)
-            if flag not in ("0", "1"):
-                raise UserError(f"setting {text!r}: {key} is 0 or 1, got {flag!r}")
-            out[key] = flag == "1"
+            if flag not in ("0", "1") and not (key == "compile" and flag == "2"):  # compile=2: the drafter too
+                raise UserError(f"setting {text!r}: {key} is 0 or 1{' (or 2)' * (key == 'compile')}, got {flag!r}")
+            out[key] = 2 if flag == "2" else flag == "1"
     if "static" in opts:  # LANTERN's δ on a static tree
         if name != "lantern" or opts["static"] not in ("0", "1"):
             raise ValueError(f"{text!r}: static=0/1 applies to lantern only (lantern++ and eagle1 are static)")
@@ -144,9 +151,12 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     relaxed = name.removeprefix("sjd+") if name.removeprefix("sjd+").startswith("lantern") else None
     if ("budget" in out or "residual" in out) and relaxed is None:
         raise ValueError(f"{text!r}: budget / residual apply to lantern and lantern++ only")
+    gsd_keys = [key for key in ("rank_window", "prob_gap", "dist") if key in out]
+    if gsd_keys and name != "gsd":
+        raise UserError(f"setting {text!r}: {', '.join(gsd_keys)} apply to gsd only")
     validate_benchmark_setting(out)
-    for key in ("window", "group"):  # the Jacobi settings' sizes
-        check_number(f"setting {text!r}: {key}", out.get(key), lo=1)
+    validate_gsd(out.get("rank_window"), out.get("prob_gap"), out.get("dist"), where=f"setting {text!r}: ")
+    check_number(f"setting {text!r}: window", out.get("window"), lo=1)  # the Jacobi window
     if relaxed:  # the rule's own checks of the values, before any model loads
         from models.drafters.acceptance import AcceptConfig
 
@@ -159,7 +169,7 @@ JACOBI_SETTINGS = ("sjd", "mc-sjd", "gsd", "sjd+lantern", "sjd+lantern++")
 
 
 def needs_neighbours(name: str) -> bool:
-    return name.endswith("lantern") or name.endswith("lantern++") or name == "gsd"
+    return name.endswith("lantern") or name.endswith("lantern++")
 
 
 def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, neighbours, target=None):
@@ -179,10 +189,11 @@ def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, ne
     if accept.enabled:
         accept = replace(accept, budget=setting.get("budget", DEFAULT_BUDGET), residual=setting.get("residual", "exact"))
     if name == "gsd":
-        from models.drafters.grouped import GroupedAcceptConfig
+        from models.drafters.grouped import GSD_DIST, GSD_PROB_GAP, GSD_RANK_WINDOW, gsd_config_for
 
-        accept = GroupedAcceptConfig(k=setting["k"], group=setting.get("group", 10))
-    nb = neighbours[:, : accept.table_columns] if accept.enabled else None
+        accept = gsd_config_for(family, setting.get("rank_window", GSD_RANK_WINDOW),
+                                setting.get("prob_gap", GSD_PROB_GAP), setting.get("dist", GSD_DIST))
+    nb = neighbours[:, : accept.table_columns] if accept.needs_neighbours else None
     if name in JACOBI_SETTINGS:  # drafter-free: the same round with the Jacobi proposer
         from models.drafters.jacobi import SJD_DEFAULT_WINDOW, JacobiProposer
 
@@ -192,12 +203,15 @@ def build_decoder(family, drafter, setting: dict, sampling, cfg_scale: float, ne
         return SpeculativeDecoder(target or family.target, None, family.num_image_tokens, sampling, cfg_scale, accept,
                                   neighbours=nb, allowed_tokens=family.allowed_tokens, proposer=proposer)
     kw = {k: setting[k] for k in ("top_k_draft", "depth", "total_token") if k in setting}
-    choices = tuple(tuple(c) for c in get_tree_choices(setting["tree"])) if static else None
+    auto = setting["tree"] == "auto"  # tree=auto: calibrated and re-picked (models/drafters/auto_tree.py)
+    if auto:
+        from models.drafters.auto_tree import START_TREE, AutoTreeDecoder
+    choices = tuple(tuple(c) for c in get_tree_choices(START_TREE if auto else setting["tree"])) if static else None
     tree = TreeConfig(static_choices=choices, **kw)
     dec = SpeculativeDecoder(target or family.target, drafter, family.num_image_tokens, sampling, cfg_scale, accept,
                              tree, nb, family.allowed_tokens)
     dec.measure_shift = setting.get("tvd", True)
-    return dec
+    return AutoTreeDecoder(dec) if auto else dec  # calibrates in the (untimed) warm-up call
 
 
 def _demo_classifier(device):
@@ -225,7 +239,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if args.compile:  # every setting, AR included, runs the same compiled target
         from models.compiled import compile_target
 
-        compile_target(family, args.compile_mode)
+        compile_target(family, args.compile_mode, drafter=args.compile_drafter)
     settings = [parse_setting(s, args.lantern_k, args.tree_choices) for s in args.settings]
     drafter = neighbours = None
     if any(s["name"] != "ar" and s["name"] not in JACOBI_SETTINGS for s in settings):
@@ -250,6 +264,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         compile_target(family, args.compile_mode, check_only=True)
         compiled = CompiledTarget(family.target, args.compile_mode)
     targets = {s["label"]: compiled if s.get("compile") and compiled is not None else family.target for s in settings}
+    for s in settings:  # compile=2: the same compiled target, with the drafter's forward compiled too
+        if s.get("compile") == 2:
+            targets[s["label"]] = (compiled or family.target).with_drafter()
     decoders = {s["label"]: None if s["name"] == "ar" else build_decoder(family, drafter, s, sampling, cfg_scale,
                                                                          neighbours, targets[s["label"]])
                 for s in settings}
@@ -326,6 +343,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 width = max(len(d) for d in a["depth"])
                 cols = [[d[j] for d in a["depth"] if j < len(d) and d[j] == d[j]] for j in range(width)]
                 row["acceptance_by_depth"] = [statistics.mean(c) if c else None for c in cols]
+            if hasattr(decoders[s["label"]], "report"):  # tree=auto: calibration and every change of tree
+                row["auto_tree"] = decoders[s["label"]].report()
             if args.save_images:
                 from torchvision.utils import save_image
 
@@ -395,7 +414,7 @@ def _profile_markdown(results: list[dict]) -> str:
     """Ops per round and where a round's time goes (one untimed image per setting; first batch size)."""
     from models.profiling import ROUND_PHASES
 
-    head = ("| setting | aten ops / round (AR: / step) | round time (ms) | round ÷ AR step (time, same compile) | "
+    head = ("| setting | aten ops / round (AR: / step; compiled: launches) | round time (ms) | round ÷ AR step (time, same compile) | "
             "round ÷ AR step (ops) | " + " | ".join(f"{p} %" for p in ROUND_PHASES) + " |")
     lines = [head, "|" + "---|" * (5 + len(ROUND_PHASES))]
     for r in results:
@@ -413,8 +432,9 @@ def _profile_markdown(results: list[dict]) -> str:
         lines.append(f"| {r['setting']} | {p['ops_per_round']:.0f} | {1000 * p['round_s']:.2f} | {rt} | {ro} | "
                      f"{shares} |")
     if any(r.get("compiled") for r in results):
-        lines.append("\naten ops are counted on the eager path (a compiled graph runs outside the dispatch mode); "
-                     "times are those of the setting as run.")
+        lines.append("\ncompiled settings: launches = aten ops dispatched eagerly + the kernel launches of every compiled "
+                     "graph call (generated kernels, extern kernels and aten fallbacks in inductor's wrapper code, "
+                     "models/compiled.py graph_launches); times are those of the setting as run.")
     return "\n".join(lines)
 
 
@@ -536,8 +556,13 @@ def main(argv: list[str] | None = None) -> None:
         parse_setting(s, args.lantern_k, args.tree_choices)
     from models.drafters.choices import get_tree_choices
 
-    for tree in {parse_setting(s, args.lantern_k, args.tree_choices)["tree"] for s in args.settings}:
-        get_tree_choices(tree)  # a bad tree name fails now, not after the first settings ran
+    for s in args.settings:  # a bad tree name fails now, not after the first settings ran
+        setting = parse_setting(s, args.lantern_k, args.tree_choices)
+        static = setting["name"] in ("eagle1", "lantern++") or setting.get("static", False)
+        if setting["tree"] == "auto" and not static:
+            raise UserError(f"setting {s!r}: tree=auto picks a static tree (eagle1, lantern++, lantern with static=1)")
+        if setting["tree"] != "auto":
+            get_tree_choices(setting["tree"])
     if min(args.batch_size) < 1:
         raise UserError(f"--batch_size must be >= 1, got {min(args.batch_size)}")
     print(f"benchmark: {threads} intra-op thread(s)"  # after validation: an error stays the first line

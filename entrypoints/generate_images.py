@@ -105,6 +105,9 @@ def parse_args() -> argparse.ArgumentParser:
     g.add_argument("--tree_choices", default=None,
                    help="static tree: a named choice list (mc_sim_7b_63, naive_extend_57, chain_<n>) or a JSON list of "
                    "paths (default mc_sim_7b_63)")
+    from models.drafters.auto_tree import add_tree_arg
+
+    add_tree_arg(g)
     g.add_argument("--eagle_version", type=int, default=2, choices=[1, 2], help="1 = static tree, 2 = dynamic tree")
     g.add_argument("--cfg_mode", default="parallel", choices=["sequential", "parallel"],
                    help="Chameleon (Anole / Lumina-mGPT) CFG layout: one padded batch (parallel) or two caches "
@@ -119,10 +122,14 @@ def parse_args() -> argparse.ArgumentParser:
     g = p.add_argument_group("Speculative Jacobi Decoding (--model_type sjd; no drafter; --lantern flags apply too)")
     g.add_argument("--sjd_window", type=int, default=16, help="Jacobi window: draft tokens verified per forward")
     g.add_argument("--sjd_coupling", action="store_true", help="MC-SJD: maximal coupling of drafts across iterations")
-    g.add_argument("--gsd", action="store_true", help="GSD grouped acceptance (relaxed; needs the neighbour table)")
-    g.add_argument("--gsd_group", type=int, default=10, help="GSD: size of the dynamic set of most probable tokens")
-    g.add_argument("--gsd_k", type=int, default=None, help="GSD: neighbours of a draft that may join its group "
-                   "(default --lantern_k)")
+    g.add_argument("--gsd", action="store_true", help="GSD grouped acceptance (relaxed; accept x with "
+                   "min(1, p(G)/q(G)), G = tokens near x in p's ranking, in p and in the target's token embeddings)")
+    g.add_argument("--gsd_rank_window", type=int, default=7, help="GSD: the group's candidates are x's rank "
+                   "neighbours in p, w-1 likelier and w less likely (the authors' 7)")
+    g.add_argument("--gsd_prob_gap", type=float, default=0.15, help="GSD: a candidate y joins if |p(y) - p(x)| < this "
+                   "(the authors' 0.15)")
+    g.add_argument("--gsd_dist", type=float, default=0.5, help="GSD: ... and if the squared distance of the target's "
+                   "input embeddings of y and x is < this (the authors' 0.5, for Lumina-mGPT's embedding scale)")
     return p
 
 
@@ -140,17 +147,16 @@ RESUME_KEYS = ["model", "model_type", "model_path", "vq_path", "t5_path", "draft
                "prompt", "prompt_dir", "set_seed", "random_seed", "resolved_temperature", "resolved_top_k",
                "resolved_top_p", "resolved_cfg", "resolved_precision", "lantern", "lantern_k", "lantern_delta",
                "lantern_tvd", "lantern_lambda", "static_tree", "tree_choices", "eagle_version", "cfg_mode",
-               "top_k_draft", "depth", "total_token", "drafter_top_k", "lantern_budget", "lantern_residual",
-               "sjd_window", "sjd_coupling", "gsd", "gsd_group", "gsd_k"]
+               "top_k_draft", "depth", "total_token", "drafter_top_k", "tree", "lantern_budget", "lantern_residual",
+               "sjd_window", "sjd_coupling", "gsd", "gsd_rank_window", "gsd_prob_gap", "gsd_dist"]
 
 
 def _validate_sjd_args(args: argparse.Namespace) -> None:
     """The Jacobi and GSD flags (``--model_type sjd``; GSD also works on EAGLE trees)."""
-    from entrypoints.validation import check_number
+    from entrypoints.validation import check_number, validate_gsd
 
     check_number("--sjd_window", args.sjd_window, lo=1)
-    check_number("--gsd_group", args.gsd_group, lo=1)
-    check_number("--gsd_k", args.gsd_k, lo=1)
+    validate_gsd(args.gsd_rank_window, args.gsd_prob_gap, args.gsd_dist)
     if args.gsd and args.model_type == "base":
         raise UserError("--gsd (grouped acceptance) needs speculative decoding: add --model_type sjd")
     if args.gsd and (args.lantern or args.lantern_tvd is not None or args.lantern_lambda is not None):
@@ -194,7 +200,11 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def run_generate_image(args: argparse.Namespace) -> dict:
     """Generate every selected prompt; returns the statistics dict that is also written to disk."""
+    explicit_tree = args.tree_choices is not None
     args = resolve_defaults(args)
+    from models.drafters.auto_tree import check_tree_args
+
+    check_tree_args(args, explicit_tree)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.model_type == "vllm":
@@ -220,12 +230,16 @@ def run_generate_image(args: argparse.Namespace) -> dict:
     if args.compile:
         from models.compiled import compile_target
 
-        compile_target(family, args.compile_mode)
+        compile_target(family, args.compile_mode, drafter=args.compile_drafter)
     decoder = None
     if args.model_type in ("eagle", "sjd"):
         from models.ea_model import build_speculative_decoder
 
         decoder = build_speculative_decoder(family, args, sampling, cfg_scale)
+        if args.tree == "auto" and items:  # measure every candidate's round here, on the first batch
+            from models.drafters.auto_tree import auto_tree_for_run
+
+            decoder = auto_tree_for_run(decoder, family, [p for _, p in items[: args.batch_size]], cfg_scale)
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,6 +251,8 @@ def run_generate_image(args: argparse.Namespace) -> dict:
     config.update(resolved_temperature=sampling.temperature, resolved_top_k=sampling.top_k,
                   resolved_top_p=sampling.top_p, resolved_cfg=cfg_scale, resolved_device=str(device),
                   resolved_precision=str(dtype).replace("torch.", ""))
+    if getattr(decoder, "calibration", None) is not None:  # --tree auto: round costs and the first choice
+        config["auto_tree"] = decoder.report()
     check_same_settings(out / "generation_configs.json", config, RESUME_KEYS, args.overwrite)
     lock = OutputLock(out, f"generate_images.rank{ctx.rank}").acquire()
     if ctx.is_main:
@@ -288,6 +304,9 @@ def run_generate_image(args: argparse.Namespace) -> dict:
                             tau=f"{sum(p['step_compression'] for p in per_prompt) / len(chunk):.2f}")
     finally:
         bar.close()
+    if ctx.is_main and hasattr(decoder, "report"):  # --tree auto: every change of tree, with its reason
+        config["auto_tree"] = decoder.report()
+        write_json_atomic(config, out / "generation_configs.json")
     if args.compile and todo:
         from models.compiled import compile_report
 

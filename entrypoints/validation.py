@@ -70,6 +70,15 @@ def validate_lantern(k: int | None, delta: float | None = None, tvd: float | Non
     check_number(f"{where}--lantern_lambda", lam, lo=1)
 
 
+def validate_gsd(rank_window: int | None, prob_gap: float | None, dist: float | None, where: str = "--gsd_",
+                 names: tuple[str, str, str] = ("rank_window", "prob_gap", "dist")) -> None:
+    """GSD's group parameters (models/drafters/grouped.py): rank window >= 0 (0 = the exact test), probability
+    gap >= 0, squared embedding distance >= 0."""
+    check_number(f"{where}{names[0]}", rank_window, lo=0, hint="0 = the exact speculative test")
+    check_number(f"{where}{names[1]}", prob_gap, lo=0, hi=1)
+    check_number(f"{where}{names[2]}", dist, lo=0)
+
+
 def validate_tree_args(args: argparse.Namespace) -> None:
     """Dynamic-tree sizes and the drafter's top-k."""
     check_number("--top_k_draft", getattr(args, "top_k_draft", None), lo=1)

@@ -12,11 +12,23 @@ Outputs: the compiled graph computes the same function; its floating-point resul
 the last bits (fused kernels reorder sums), which could only change a token when two logits tie to those bits
 or a uniform draw falls on a CDF boundary — the tests check greedy and seeded sampled tokens are equal.
 
+The drafter (``--compile_drafter``, benchmark ``compile=2``): :class:`CompiledDrafter` compiles its cached
+forward the same way, with the query count padded to a few fixed sizes (:func:`drafter_q_buckets`), so a run
+compiles one graph per size and nothing after the first image. Off by default: on the CPU demo a compiled call
+of the one-layer drafter costs about what its eager ops cost (dynamo's guards and the wrapper take ~0.1 ms per
+call), measured in the README's "--compile" section.
+
+On CPU inductor's C++ wrapper is used (``cpp_wrapper``): the python wrapper's per-call overhead was a large
+part of a compiled demo step. Op counting (:class:`~models.profiling.OpCounter`) sees a compiled call as the
+kernel launches of its graph (:func:`graph_launches`).
+
 ``mode="reduce-overhead"`` (CUDA graphs) is offered for CUDA; it cannot be tested on this project's CPU machines.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 import time
 
 import torch
@@ -29,12 +41,18 @@ class CompileCounter:
 
     ``inner``: ``"inductor"`` (fused kernels, the point of ``--compile``) or ``"eager"`` (the captured graph run
     op by op: dynamo's tracing and guards without code generation — what the fast tests use).
+
+    With inductor it also reads, once per graph, how many kernels one call of the graph launches
+    (:func:`graph_launches`) and records in ``last_launches`` the count of the graph that ran last, so that an
+    :class:`~models.profiling.OpCounter` can add a compiled call's launches to the aten ops it counts eagerly.
     """
 
     def __init__(self, inner: str = "inductor"):
         if inner not in ("inductor", "eager"):
             raise ValueError(f"unknown backend {inner!r}")
         self.inner, self.graphs = inner, 0
+        self.last_launches: int | None = None
+        self.launches: list[int | None] = []  # per compiled graph
 
     def __call__(self, gm, example_inputs):
         self.graphs += 1
@@ -42,7 +60,97 @@ class CompileCounter:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+        # on CPU the C++ wrapper: the python wrapper's per-call overhead (argument asserts, buffer handles)
+        # costs about as much as a small graph's kernels (measured: README "--compile")
+        cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+        compiled = compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": True} if cpu else None)
+        n = graph_launches(getattr(compiled, "source_code", None))
+        self.launches.append(n)
+
+        def run(*args):
+            self.last_launches = n
+            return compiled(*args)
+
+        return run
+
+
+# statements of inductor's wrapper that launch work: its generated kernels (C++ on CPU, Triton on GPU), the
+# extern kernels it calls (mm, addmm, attention) and aten fallbacks. Python wrapper (``def call``):
+_LAUNCH_PY = re.compile(r"^(?:\w+(?:, \w+)* = )?(?:cpp_fused_\w+|\w+\.run|extern_kernels\.\w+|torch\.ops\.[\w.]+"
+                        r"|aten\.[\w.]+)\(")
+# C++ wrapper (``inductor_entry_impl``): kernel calls, aoti shims of aten ops, dispatcher fallbacks
+_LAUNCH_CPP = re.compile(r"^(?:AOTI_TORCH_ERROR_CODE_CHECK\()?(?:cpp_fused_\w+|call_triton_\w+|aoti_torch_cpu_\w+"
+                         r"|aoti_torch_cuda_\w+|aoti_torch_call_dispatcher|aoti_torch_proxy_executor_call_function)\(")
+
+
+def graph_launches(source: str | None) -> int | None:
+    """Kernel launches in one call of an inductor graph, counted in its generated wrapper code: every
+    generated-kernel call, extern-kernel call and aten fallback (views such as ``view_as_complex`` included,
+    as the eager count includes views). Allocations, tensor reinterpretations and asserts launch nothing.
+    None when the code is neither inductor's python wrapper nor its C++ wrapper."""
+    if not source:
+        return None
+    if "def call(" in source and "inductor_entry_impl" not in source:
+        body, pattern = source[source.index("def call("):], _LAUNCH_PY
+        body = body[: body.find("\nrunner = ")] if "\nrunner = " in body else body
+    elif "void inductor_entry_impl(" in source:
+        body, pattern = source[source.index("void inductor_entry_impl("):], _LAUNCH_CPP
+        body = body[: body.find("} // inductor_entry_impl")]
+    else:
+        return None
+    return sum(1 for line in body.splitlines() if pattern.match(line.strip()))
+
+
+def _active_op_counter():
+    """The innermost :class:`~models.profiling.OpCounter` on the dispatch-mode stack, if any."""
+    if not torch._C._len_torch_dispatch_stack():  # the common case: no mode at all
+        return None
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    from models.profiling import OpCounter
+
+    return next((m for m in reversed(_get_current_dispatch_mode_stack()) if isinstance(m, OpCounter)), None)
+
+
+class _CompiledFn:
+    """``torch.compile(fn, dynamic=False)`` through a counting backend, timing the first call of every new
+    input-shape key and, under an :class:`~models.profiling.OpCounter`, counting a graph call as its launches.
+
+    Under a dispatch mode dynamo runs a compiled function's frame eagerly (the mode would see eager aten ops,
+    not the graph); with inductor and an op counter active, the call therefore leaves the mode for the graph
+    and adds the graph's kernel launches to the counter instead.
+    """
+
+    def __init__(self, fn, mode: str | None, backend: str):
+        if mode not in (None, "default", "reduce-overhead", "max-autotune"):
+            raise ValueError(f"unknown torch.compile mode {mode!r}")
+        if mode in (None, "default"):  # inductor (or eager, for tests) through a counting backend
+            self.counter: CompileCounter | None = CompileCounter(backend)
+            self.fn = torch.compile(fn, backend=self.counter, dynamic=False)
+        else:  # the modes are options of the inductor backend by name (no counting there)
+            self.counter = None
+            self.fn = torch.compile(fn, mode=mode, dynamic=False)
+        self.compile_s = 0.0
+        self._seen: set = set()
+
+    def __call__(self, key, *args):
+        ops = _active_op_counter()
+        if ops is not None and self.counter is not None and self.counter.inner == "inductor" and key in self._seen:
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            self.counter.last_launches = None
+            with _disable_current_modes():
+                out = self.fn(*args)
+            if self.counter.last_launches is not None:
+                ops.add_graph_call(self.counter.last_launches)
+            return out
+        if key in self._seen or ops is not None:  # under a dispatch mode dynamo runs the frame eagerly: no compile
+            return self.fn(*args)
+        t0 = time.perf_counter()
+        out = self.fn(*args)
+        self.compile_s += time.perf_counter() - t0
+        self._seen.add(key)
+        return out
 
 
 class CompiledTarget:
@@ -50,28 +158,55 @@ class CompiledTarget:
     with an additive mask run compiled over a mask padded to the cache length; everything else is delegated.
 
     ``compile_s`` is the wall time of the first call for each new query count (tracing + compilation + one
-    run), ``graphs`` the number of graphs the backend compiled (recompilations included).
+    run), ``graphs`` the number of graphs the backend compiled (recompilations included), both summed with
+    those of the drafters compiled beside it (:meth:`compiled_drafter`; ``target_graphs`` / ``drafter_graphs``
+    apart).
     """
 
-    def __init__(self, target, mode: str | None = None, backend: str = "inductor"):
-        if mode not in (None, "default", "reduce-overhead", "max-autotune"):
-            raise ValueError(f"unknown torch.compile mode {mode!r}")
-        self._target = target
-        if mode in (None, "default"):  # inductor (or eager, for tests) through a counting backend
-            self._counter = CompileCounter(backend)
-            self._fn = torch.compile(target.forward_hidden, backend=self._counter, dynamic=False)
-        else:  # the modes are options of the inductor backend by name (no counting there)
-            self._counter = None
-            self._fn = torch.compile(target.forward_hidden, mode=mode, dynamic=False)
-        self.compile_s = 0.0
-        self._seen: set = set()
+    def __init__(self, target, mode: str | None = None, backend: str = "inductor", drafter: bool = False):
+        self._target, self._mode, self._backend, self._compile_drafter = target, mode, backend, drafter
+        self._run = _CompiledFn(target.forward_hidden, mode, backend)
+        self._drafters: dict[int, CompiledDrafter] = {}
+
+    def with_drafter(self, drafter: bool = True) -> CompiledTarget:
+        """The same compiled target (same graphs and counts) with the drafter's compilation switched on/off:
+        the benchmark runs ``compile=1`` and ``compile=2`` settings side by side on one set of graphs."""
+        twin = object.__new__(CompiledTarget)
+        twin.__dict__.update(self.__dict__)
+        twin._compile_drafter = drafter
+        return twin
+
+    @property
+    def target_graphs(self) -> int | None:
+        return self._run.counter.graphs if self._run.counter is not None else None
+
+    @property
+    def drafter_graphs(self) -> int | None:
+        counts = [d._run.counter.graphs for d in self._drafters.values() if d._run.counter is not None]
+        return sum(counts) if counts else (0 if self._run.counter is not None else None)
 
     @property
     def graphs(self) -> int | None:
-        return self._counter.graphs if self._counter is not None else None
+        if self.target_graphs is None:
+            return None
+        return self.target_graphs + (self.drafter_graphs or 0)
+
+    @property
+    def compile_s(self) -> float:
+        return self._run.compile_s + sum(d._run.compile_s for d in self._drafters.values())
 
     def __getattr__(self, name):  # lm_head, embed_tokens, new_cache, config, embed_condition, ...
         return getattr(self._target, name)
+
+    def compiled_drafter(self, drafter) -> CompiledDrafter | None:
+        """The drafter's cached forward compiled with the same mode and backend (one wrapper per drafter, shared
+        by every decoder of this target, so settings with the same query counts share graphs); None unless the
+        target was made with ``drafter=True`` (``--compile_drafter``: off by default, it does not pay on CPU)."""
+        if not self._compile_drafter:
+            return None
+        if id(drafter) not in self._drafters:
+            self._drafters[id(drafter)] = CompiledDrafter(drafter, self._mode, self._backend)
+        return self._drafters[id(drafter)]
 
     def forward_hidden(self, h, rope_pos, cache=None, cache_pos=None, attn_mask=None):
         if cache is None or not isinstance(cache, KVCache) or attn_mask is None or attn_mask.dtype == torch.bool:
@@ -80,18 +215,69 @@ class CompiledTarget:
         if pad:  # static shape: every slot past the caller's window is masked out
             attn_mask = torch.nn.functional.pad(attn_mask, (0, pad), value=float("-inf"))
         key = (tuple(h.shape), rope_pos.ndim, cache_pos.ndim if cache_pos is not None else None)
-        if key in self._seen:
-            return self._fn(h, rope_pos, cache, cache_pos, attn_mask)
-        t0 = time.perf_counter()
-        out = self._fn(h, rope_pos, cache, cache_pos, attn_mask)
-        self.compile_s += time.perf_counter() - t0
-        self._seen.add(key)
-        return out
+        return self._run(key, h, rope_pos, cache, cache_pos, attn_mask)
 
 
-def compile_target(family, mode: str | None = None, check_only: bool = False) -> CompiledTarget | None:
+class CompiledDrafter:
+    """The EAGLE drafter's cached forward compiled with static shapes (the drafter module itself is untouched).
+
+    Static shapes: the boolean mask becomes an additive float mask padded with ``-inf`` to the drafter cache's
+    length, cache slots are always given per row ((rows, q)), and the query count is padded up to the smallest
+    of the caller's ``q_buckets`` that holds it (catch-up: the longest possible accepted path + 1; tree levels:
+    their fixed sizes), so a run compiles one graph per bucket. Padding queries take the slots right after the
+    row's last real one (uncommitted slots that the next catch-up or tree overwrites before any real query may
+    see them), attend only to themselves, and their outputs are dropped.
+    """
+
+    def __init__(self, drafter, mode: str | None = None, backend: str = "inductor"):
+        self._drafter = drafter
+        self._run = _CompiledFn(drafter.forward, mode, backend)
+
+    @property
+    def graphs(self) -> int | None:
+        return self._run.counter.graphs if self._run.counter is not None else None
+
+    def __call__(self, feats, ids, rope_pos, cache, cache_pos, mask, q_buckets=()):
+        rows, q = ids.shape
+        if not isinstance(cache, KVCache) or mask is None or mask.dtype != torch.bool:
+            return self._drafter(feats, ids, rope_pos, cache, cache_pos, mask)
+        dev, length = ids.device, cache.max_len
+        # one layout for every call (dynamo guards on strides too): per-row slots, contiguous inputs
+        cache_pos = cache_pos.expand(rows, -1).contiguous()
+        rope_pos, ids, feats = rope_pos.expand(rows, -1).contiguous(), ids.contiguous(), feats.contiguous()
+        qp = min((b for b in q_buckets if b >= q), default=q)
+        if qp > q:
+            pad_pos = cache_pos[:, -1:] + torch.arange(1, qp - q + 1, device=dev)  # slots after each row's last
+            if int(pad_pos.max()) >= length:  # no room for the padding: this call keeps its own shape
+                qp = q
+        add = torch.full((rows, 1, qp, length), float("-inf"), dtype=feats.dtype, device=dev)
+        add[:, :, :q, : mask.shape[-1]].masked_fill_(mask, 0.0)
+        if qp > q:
+            add[:, 0, q:].scatter_(-1, pad_pos[:, :, None], 0.0)
+            feats = torch.cat([feats, feats.new_zeros(rows, qp - q, feats.shape[-1])], 1)
+            ids = torch.cat([ids, ids.new_zeros(rows, qp - q)], 1)
+            rope_pos = torch.cat([rope_pos, rope_pos[:, -1:].expand(-1, qp - q)], 1)
+            cache_pos = torch.cat([cache_pos, pad_pos], 1)
+        out = self._run((rows, qp), feats, ids, rope_pos, cache, cache_pos, add)
+        return out[:, :q] if qp > q else out
+
+
+def drafter_q_buckets(tree_cfg, template=None) -> tuple[int, ...]:
+    """The drafter query counts of a tree setting (:class:`CompiledDrafter` pads every call up to one of them):
+    the catch-up feeds at most the longest accepted path + 1 entries; a static tree feeds each level's nodes
+    (the level sizes of its template), a dynamic tree ``top_k_draft`` frontier nodes per level."""
+    if template is not None:
+        off = template.depth_offsets.tolist()
+        levels = {off[d + 1] - off[d] for d in range(1, template.max_depth)}
+        return tuple(sorted(levels | {template.max_depth + 1}))
+    return tuple(sorted({tree_cfg.top_k_draft, tree_cfg.depth + 1}))
+
+
+def compile_target(family, mode: str | None = None, check_only: bool = False,
+                   drafter: bool = False) -> CompiledTarget | None:
     """Replace ``family.target`` by its compiled wrapper (idempotent); families with other caches are refused.
-    ``check_only``: only refuse (the caller wraps the target itself)."""
+    ``check_only``: only refuse (the caller wraps the target itself). ``drafter``: decoders built on it compile
+    the drafter's forward too."""
     if isinstance(family.target, CompiledTarget):
         return family.target
     probe = family.target.new_cache(1, 1)
@@ -102,16 +288,26 @@ def compile_target(family, mode: str | None = None, check_only: bool = False) ->
                         f"{type(family.target).__name__} has {type(probe).__name__}: run without --compile")
     if check_only:
         return None
-    family.target = CompiledTarget(family.target, mode)
+    family.target = CompiledTarget(family.target, mode, drafter=drafter)
     return family.target
+
+
+class _CompileDrafter(argparse.Action):
+    """``--compile_drafter`` sets ``--compile`` too (a compiled drafter beside an eager target is not offered)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.compile_drafter = namespace.compile = True
 
 
 def add_compile_args(parser) -> None:
     """``--compile`` / ``--compile_mode`` (generate_images, benchmark)."""
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the target's cached forward (AR step, tree verification) with static "
-                        "shapes; off by default (on the CPU demo it speeds plain AR up 1.4x but speculative rounds hardly; "
-                        "README 'Speed')")
+                        "shapes; off by default (on the CPU demo it speeds plain AR up 1.8x but speculative rounds hardly; "
+                        "README '--compile')")
+    parser.add_argument("--compile_drafter", action=_CompileDrafter, nargs=0, default=False,
+                        help="compile the drafter's cached forward too (implies --compile; static shapes, query "
+                        "counts padded to the tree's level sizes); off by default: on the CPU demo it is slower")
     parser.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                         help="torch.compile mode; reduce-overhead = CUDA graphs (CUDA only, untested here)")
 
@@ -120,5 +316,7 @@ def compile_report(target) -> str | None:
     """One line on what compilation cost, or None when the target is not compiled."""
     if not isinstance(target, CompiledTarget):
         return None
-    graphs = f", {target.graphs} graph(s)" if target.graphs is not None else ""
+    graphs = ""
+    if target.graphs is not None:
+        graphs = f", {target.graphs} graph(s) (target {target.target_graphs}, drafter {target.drafter_graphs})"
     return f"compile: {target.compile_s:.1f} s in first calls{graphs}"

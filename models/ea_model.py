@@ -126,7 +126,7 @@ class SpeculativeDecoder:
         self.allowed_tokens = allowed_tokens
         # only a position-dependent mask reads the image-token index of a logit row (skip computing it otherwise)
         self._needs_index = isinstance(allowed_tokens, PositionalTokenMask)
-        if self.accept.enabled and neighbours is None:
+        if self.accept.needs_neighbours and neighbours is None:
             raise ValueError("relaxed acceptance (--lantern) needs a neighbour table (generate_codebook)")
         self.neighbours = neighbours
         self.template = None
@@ -135,15 +135,33 @@ class SpeculativeDecoder:
         self.measure_shift = True
         # verify_trees' schedule (same draws, same outcome): None/True = all nodes at once, False = per depth level
         self.verify_all_nodes: bool | None = None
+        self.round_observer = None  # called as (trees, results) after each verification (``--tree auto``'s statistics)
         if self.tree_cfg.static_choices is not None:
-            self.template = StaticTreeTemplate.from_choices(self.tree_cfg.static_choices)
-            widest = int(self.template.num_children.max())
-            # the verifier's view of the template (children table, sibling ranks, internal nodes), built once
-            children, rank = batched_children(self.template.parents[None], self.template.children.shape[1])
-            self._static_struct = (children[0], rank[0], (self.template.num_children > 0).nonzero().squeeze(1))
-            if self.tree_cfg.drafter_top_k is not None and self.tree_cfg.drafter_top_k < widest:
-                raise ValueError(f"--drafter_top_k must be >= the widest node of the tree ({widest})")
-        self._static_plans: dict[str, dict] = {}
+            self.set_static_tree(self.tree_cfg.static_choices)
+        # --compile_drafter: a compiled target made with drafter=True compiles the drafter's forward too
+        make = getattr(target, "compiled_drafter", None) if drafter is not None else None
+        self._compiled_drafter = make(drafter) if make is not None else None
+        if self._compiled_drafter is not None:
+            from models.compiled import drafter_q_buckets
+
+            self._q_buckets = drafter_q_buckets(self.tree_cfg, self.template)
+
+    def set_static_tree(self, choices) -> None:
+        """Decode with the static tree ``choices`` from the next :meth:`generate` on (``--tree auto`` re-picks
+        the tree between images; everything sized by the tree is derived from ``tree_cfg`` per call)."""
+        self.tree_cfg = replace(self.tree_cfg, static_choices=tuple(tuple(c) for c in choices))
+        self.template = StaticTreeTemplate.from_choices(self.tree_cfg.static_choices)
+        widest = int(self.template.num_children.max())
+        if self.tree_cfg.drafter_top_k is not None and self.tree_cfg.drafter_top_k < widest:
+            raise ValueError(f"--drafter_top_k must be >= the widest node of the tree ({widest})")
+        # the verifier's view of the template (children table, sibling ranks, internal nodes), built once per tree
+        children, rank = batched_children(self.template.parents[None], self.template.children.shape[1])
+        self._static_struct = (children[0], rank[0], (self.template.num_children > 0).nonzero().squeeze(1))
+        self._static_plans: dict[str, dict] = {}  # the builder's per-level plan per device (_static_plan)
+        if getattr(self, "_compiled_drafter", None) is not None:  # the drafter's query buckets follow the tree
+            from models.compiled import drafter_q_buckets
+
+            self._q_buckets = drafter_q_buckets(self.tree_cfg, self.template)
 
     # ------------------------------------------------------------------------------------------ helpers
     def _combine(self, logits: torch.Tensor, index=None) -> torch.Tensor:
@@ -167,6 +185,9 @@ class SpeculativeDecoder:
     def _run_drafter(self, feats, ids, rope_pos, cache, cache_pos, mask):
         rows = feats.shape[0]
         ids = ids.expand(rows, -1) if ids.shape[0] == 1 else ids
+        if self._compiled_drafter is not None:
+            return self._compiled_drafter(feats.to(self.drafter_dtype), ids, rope_pos, cache, cache_pos, mask,
+                                          self._q_buckets)
         return self.drafter(feats.to(self.drafter_dtype), ids, rope_pos, cache, cache_pos, mask)
 
     # ------------------------------------------------------------------------------------------ trees
@@ -402,9 +423,12 @@ class SpeculativeDecoder:
             res = verify_trees(trees, probs, self.accept, self.neighbours, greedy, gens, self.measure_shift,
                                self.verify_all_nodes)
             accept_host = res.accept_len.tolist()  # the round's one host sync of the verdict
-            if self.proposer is not None:  # redraft the rest of every window
-                self.proposer.update(active, proposals, [res.result(i, a) for i, a in enumerate(accept_host)],
-                                     probs, gens)
+            if self.proposer is not None or self.round_observer is not None:
+                results = [res.result(i, a) for i, a in enumerate(accept_host)]
+                if self.proposer is not None:  # redraft the rest of every window
+                    self.proposer.update(active, proposals, results, probs, gens)
+                if self.round_observer is not None:
+                    self.round_observer(proposals if self.proposer is not None else trees, results)
             # 5. commit: each prompt's accepted path moves to the end of its own committed prefix
             if prof is not None:
                 prof.mark("commit")
@@ -517,13 +541,13 @@ def _add_padded(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 
 def accept_from_args(args, spec, device, family=None) -> tuple[AcceptConfig, torch.Tensor | None]:
     """The acceptance rule the command line describes (exact, LANTERN δ, LANTERN++ λ, or GSD with ``--gsd``)
-    and the neighbour table it needs (None for the exact rule)."""
+    and the neighbour table it needs (None for the exact rule and GSD)."""
     from models.registry import resolve_path
 
     if getattr(args, "gsd", False):
-        from models.drafters.grouped import GroupedAcceptConfig
+        from models.drafters.grouped import gsd_config_for
 
-        accept = GroupedAcceptConfig(k=args.gsd_k or args.lantern_k, group=args.gsd_group)
+        accept = gsd_config_for(family, args.gsd_rank_window, args.gsd_prob_gap, args.gsd_dist)
     elif getattr(args, "lantern_tvd", None) is not None:
         accept = AcceptConfig(relax="lantern", k=args.lantern_k, delta=args.lantern_tvd)
     elif getattr(args, "lantern_lambda", None) is not None:
@@ -534,7 +558,7 @@ def accept_from_args(args, spec, device, family=None) -> tuple[AcceptConfig, tor
         accept = replace(accept, budget=getattr(args, "lantern_budget", "sibling"),
                          residual=getattr(args, "lantern_residual", "exact"))
     neighbours = None
-    if accept.enabled:
+    if accept.needs_neighbours:  # LANTERN's table (GSD uses the target's own token embeddings)
         neighbours = engine_neighbours(family, resolve_path(spec, "codebook", args.codebook_path),
                                        accept.table_columns, device)
     return accept, neighbours

@@ -25,12 +25,27 @@ ROUND_PHASES = ("drafter", "tree", "target", "verify", "commit")
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts aten operator calls (total and by name) while active (``with OpCounter() as c: ...``)."""
+    """Counts aten operator calls (total and by name) while active (``with OpCounter() as c: ...``).
+
+    Compiled graphs (``--compile``, :mod:`models.compiled`) are counted by their kernel launches: dynamo would
+    run a compiled frame eagerly under a dispatch mode, so the compiled wrappers leave the mode for the graph
+    call and report the launches of the graph (:meth:`add_graph_call`). ``total`` = eager aten ops + launches
+    inside compiled graphs (``graph_launches``, over ``graph_calls`` calls); with nothing compiled they agree.
+    """
 
     def __init__(self):
         super().__init__()
         self.total = 0
         self.by_op: Counter = Counter()
+        self.graph_calls = 0
+        self.graph_launches = 0
+
+    def add_graph_call(self, launches: int) -> None:
+        """One call of a compiled graph that launches ``launches`` kernels (generated + extern + fallbacks)."""
+        self.total += launches
+        self.graph_calls += 1
+        self.graph_launches += launches
+        self.by_op["<compiled graph launches>"] += launches
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.total += 1
@@ -102,8 +117,10 @@ def profile_speculative(decoder, prefix, generators_fn) -> dict:
         decoder.profiler = None
     sec = timer.per_round(timer.seconds)
     opr = ops.per_round(ops.ops)
+    r = max(ops.rounds, 1)
     return {"rounds": timer.rounds, "seconds_per_round": sec, "round_s": sum(sec.values()),
             "ops_per_round_by_phase": opr, "ops_per_round": sum(opr.values()),
+            "graph_calls_per_round": counter.graph_calls / r, "graph_launches_per_round": counter.graph_launches / r,
             "time_share": {p: v / max(sum(sec.values()), 1e-12) for p, v in sec.items()}}
 
 
@@ -137,4 +154,6 @@ def profile_ar_step(target, prefix, num_tokens: int, sampling, generators_fn, al
     steps = max(num_tokens - 1, 1)
     # a step = one forward of one token + sampling; the prefill's ops and time are taken out
     return {"ops_per_step": (c.total - p.total) / steps, "steps": steps,
+            "graph_calls_per_step": (c.graph_calls - p.graph_calls) / steps,
+            "graph_launches_per_step": (c.graph_launches - p.graph_launches) / steps,
             "step_s": max(st.latency - t_prefill, 0.0) / steps}

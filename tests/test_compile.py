@@ -6,10 +6,12 @@ import pytest
 import torch
 from test_engine import TREES, _fixture_gpt, _prefix, _random_drafter
 
-from models.compiled import CompiledTarget, compile_target
+from models.compiled import CompiledDrafter, CompiledTarget, compile_target, drafter_q_buckets, graph_launches
 from models.drafters.choices import get_tree_choices
+from models.drafters.tree import StaticTreeTemplate
 from models.ea_model import SpeculativeDecoder, TreeConfig
 from models.generation import generate_ar
+from models.profiling import OpCounter
 from models.sampling import SamplingConfig
 
 GREEDY = SamplingConfig(temperature=0)
@@ -32,20 +34,23 @@ def _check_same_tokens_and_no_recompile(backend: str):
     torch._dynamo.reset()
     model, io = _fixture_gpt("c2i")
     drafter = _random_drafter(model, 0)
-    compiled = CompiledTarget(model, backend=backend)
+    compiled = CompiledTarget(model, backend=backend, drafter=True)
     first, second = _prefixes(model, io)
     for tree in (None, TREES["dynamic"], CHAIN):  # AR step, dynamic tree, chain
         for sampling in (GREEDY, SAMPLED):
             want = _decode(model, drafter, first, sampling, tree, 3)
             assert torch.equal(_decode(compiled, drafter, first, sampling, tree, 3), want), (tree, sampling)
-    graphs = compiled.graphs  # one per query count: AR (1), dynamic tree (12 nodes), chain (7 nodes)
-    assert graphs == 3
+    # target: one graph per query count: AR (1), dynamic tree (12 nodes), chain (7 nodes); drafter: one per
+    # query bucket: dynamic (top_k_draft 4 = depth + 1: catch-up and levels), chain (levels 1, catch-up 7)
+    assert (compiled.target_graphs, compiled.drafter_graphs) == (3, 3)
+    graphs = compiled.graphs
     for tree in (None, TREES["dynamic"], CHAIN):  # new images, new caches: no recompilation
         for sampling in (GREEDY, SAMPLED):
             want = _decode(model, drafter, second, sampling, tree, 5)
             assert torch.equal(_decode(compiled, drafter, second, sampling, tree, 5), want)
     assert compiled.graphs == graphs
     assert compiled.compile_s > 0
+    return model, drafter, compiled, second
 
 
 def test_compiled_graph_decodes_like_eager_and_never_recompiles():
@@ -55,7 +60,92 @@ def test_compiled_graph_decodes_like_eager_and_never_recompiles():
 
 @pytest.mark.slow
 def test_inductor_compiled_target_decodes_like_eager_and_never_recompiles():
-    _check_same_tokens_and_no_recompile("inductor")
+    """Inductor graphs (target and drafter); under an op counter the graphs run compiled and are counted by
+    their kernel launches (the benchmark's launches per round), with the same tokens."""
+    model, drafter, compiled, prefix = _check_same_tokens_and_no_recompile("inductor")
+    want = _decode(model, drafter, prefix, SAMPLED, CHAIN, 7)
+    with OpCounter() as eager_ops:
+        _decode(model, drafter, prefix, SAMPLED, CHAIN, 7)
+    graphs = compiled.graphs
+    with OpCounter() as ops:
+        got = _decode(compiled, drafter, prefix, SAMPLED, CHAIN, 7)
+    assert torch.equal(got, want) and compiled.graphs == graphs
+    assert eager_ops.graph_calls == 0 and ops.graph_calls > 0 and ops.graph_launches > 0
+    assert ops.total < eager_ops.total  # a compiled forward launches fewer kernels than eager dispatches ops
+
+
+def test_compiled_drafter_in_a_batch_decodes_like_eager():
+    """Batch of two prompts (rows accept different lengths: per-row catch-up slots, padded; a finished prompt
+    drops out: fewer rows, counted new graphs) — tokens equal eager's for greedy and seeded sampling."""
+    torch._dynamo.reset()
+    model, io = _fixture_gpt("c2i")
+    drafter = _random_drafter(model, 1)
+    compiled = CompiledTarget(model, backend="eager", drafter=True)
+    assert SpeculativeDecoder(compiled.with_drafter(False), drafter, 16, GREEDY, 4.0)._compiled_drafter is None
+    cond = io["gen_cond"][:2]
+    prefix = _prefix(model, cond, torch.ones(2, 1, dtype=torch.bool), 4.0)
+    for sampling, tree in ((GREEDY, TREES["dynamic"]), (SAMPLED, CHAIN)):
+        gens = [torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)]
+        want = SpeculativeDecoder(model, drafter, 16, sampling, 4.0, tree=tree).generate(prefix, gens)[0]
+        gens = [torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)]
+        dec = SpeculativeDecoder(compiled, drafter, 16, sampling, 4.0, tree=tree)
+        assert dec._compiled_drafter is not None
+        assert torch.equal(dec.generate(prefix, gens)[0], want), (sampling, tree)
+
+
+def test_drafter_query_buckets_and_padding_stay_inside_the_cache():
+    """Buckets: static template levels + longest accepted path + 1; dynamic top_k_draft and depth + 1. A call
+    padded past the cache's end keeps its own shape instead (nothing written out of range)."""
+    assert drafter_q_buckets(CHAIN, StaticTreeTemplate.from_choices(CHAIN.static_choices)) == (1, 7)
+    assert drafter_q_buckets(TreeConfig(top_k_draft=10, depth=4, total_token=59)) == (5, 10)
+    model, _ = _fixture_gpt("c2i")
+    drafter = _random_drafter(model, 0)
+    cd = CompiledDrafter(drafter, backend="eager")
+    feats, ids = torch.randn(2, 2, model.config.dim), torch.randint(0, 10, (2, 2))
+    pos = torch.tensor([[5, 6], [6, 7]])
+    mask = torch.arange(8) <= pos[:, None, :, None]  # (2, 1, 2, 8): causal over each row's slots
+    for length, padded in ((16, True), (8, False)):  # room for 2 padding queries per row / none
+        with torch.inference_mode():
+            want_cache, cache = drafter.new_cache(2, length), drafter.new_cache(2, length)
+            want = drafter(feats, ids, pos, want_cache, pos, mask)
+            got = cd(feats, ids, pos, cache, pos, mask, q_buckets=(4,))
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+        rows = torch.arange(2)[:, None]
+        assert torch.allclose(cache.k[0][rows, :, pos], want_cache.k[0][rows, :, pos], atol=1e-6)
+        assert cd._run._seen == {(2, 4 if padded else 2)}
+        cd._run._seen.clear()
+
+
+def test_graph_launches_counts_kernel_calls_in_inductor_wrapper_code():
+    src = """
+def call(self, args):
+        arg0_1, arg1_1 = args
+        assert_size_stride(arg0_1, (8, 8), (8, 1), 'input')
+        buf0 = empty_strided_cpu((8, 8), (8, 1), torch.float32)
+        extern_kernels.mm(arg0_1, arg1_1, out=buf0)
+        cpp_fused_add_relu_0(buf0, arg1_1)
+        buf1 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(buf0, buf0, buf0)
+        buf2 = buf1[0]
+        triton_poi_fused_mul_1.run(buf2, 64, stream=stream0)
+        buf3 = reinterpret_tensor(buf0, (64,), (1,), 0); del buf0
+        return (buf3, )
+
+runner = Runner(partitions=[])
+"""
+    assert graph_launches(src) == 4
+    cpp = """
+void inductor_entry_impl(AtenTensorHandle* input_handles, AtenTensorHandle* output_handles) {
+    AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(3, int_array_0, int_array_1, dt, dev, 0, &buf0_handle));
+    cpp_fused_cat_embedding_0((const int64_t*)(arg2_1.data_ptr()), (float*)(buf0.data_ptr()));
+    AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_new_tensor_handle(buf3, &tmp_buf3_0));
+    AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_mm_out(buf4, RAIIAtenTensorHandle(tmp_buf3_0), arg8_1));
+        AOTI_TORCH_ERROR_CODE_CHECK(
+            aoti_torch_call_dispatcher("aten::unsqueeze", "", dispatch_vars.data())
+        );
+} // inductor_entry_impl
+"""
+    assert graph_launches(cpp) == 3
+    assert graph_launches(None) is None and graph_launches("extern \"C\" void kernel() {}") is None
 
 
 def test_compile_refuses_other_caches_and_is_idempotent():
@@ -86,7 +176,8 @@ def test_benchmark_runs_eager_and_compiled_settings_interleaved(tmp_path):
     import main as cli
 
     cli.main(["benchmark", "--num_images", "2", "--repeats", "1", "--output_dir", str(tmp_path), "--settings", "ar",
-              "ar:compile=1", "lantern++:lam=20,tree=chain_6", "lantern++:lam=20,tree=chain_6,compile=1"])
+              "ar:compile=1", "lantern++:lam=20,tree=chain_6", "lantern++:lam=20,tree=chain_6,compile=1",
+              "lantern++:lam=20,tree=chain_6,compile=2"])
     report = json.loads((tmp_path / "benchmark.json").read_text())
     rows = {r["setting"]: r for r in report["results"]}
     assert rows["ar:compile=1"]["compiled"] and not rows["ar"]["compiled"]
@@ -94,4 +185,20 @@ def test_benchmark_runs_eager_and_compiled_settings_interleaved(tmp_path):
     for eager, comp in (("ar", "ar:compile=1"), ("lantern++:lam=20,tree=chain_6",
                                                   "lantern++:lam=20,tree=chain_6,compile=1")):
         assert rows[eager]["tau"] == rows[comp]["tau"] and rows[eager]["accuracy"] == rows[comp]["accuracy"]
+    both = rows["lantern++:lam=20,tree=chain_6,compile=2"]
+    assert both["tau"] == rows["lantern++:lam=20,tree=chain_6"]["tau"] and both["compiled"]
+    assert both["profile"]["graph_calls_per_round"] > rows["lantern++:lam=20,tree=chain_6,compile=1"]["profile"][
+        "graph_calls_per_round"] > 0  # the drafter's graphs are called (and their launches counted) too
     assert "round_over_ar_step_same_compile" in rows["lantern++:lam=20,tree=chain_6,compile=1"]["profile"]
+
+
+def test_compile_drafter_flag_implies_compile():
+    import argparse
+
+    from models.compiled import add_compile_args
+
+    parser = argparse.ArgumentParser()
+    add_compile_args(parser)
+    assert vars(parser.parse_args(["--compile_drafter"])) == {"compile": True, "compile_drafter": True,
+                                                               "compile_mode": "default"}
+    assert not parser.parse_args(["--compile"]).compile_drafter

@@ -46,7 +46,7 @@ def test_generate_images_sjd_command_line(ckpts, model, tmp_path):  # noqa: F811
     from entrypoints.generate_images import main
 
     p = ckpts[model]
-    runs = {"sjd": [], "mc": ["--sjd_coupling"], "gsd": ["--gsd", "--gsd_k", "8", "--gsd_group", "5"],
+    runs = {"sjd": [], "mc": ["--sjd_coupling"], "gsd": ["--gsd", "--gsd_dist", "1e9", "--gsd_prob_gap", "1"],
             "lantern": ["--lantern_tvd", "0.2", "--lantern_k", "8"]}
     for name, flags in runs.items():
         out = tmp_path / name

@@ -27,7 +27,8 @@ CONFIGS = {
     "lantern++": AcceptConfig(relax="lantern++", k=3, lam=4.0),
     "original": AcceptConfig(relax="lantern", k=3, delta=0.3, residual="original"),
     "original_lumina": AcceptConfig(relax="lantern", k=3, delta=0.3, residual="original_lumina"),
-    "gsd": GroupedAcceptConfig(k=3, group=4),
+    "gsd": GroupedAcceptConfig(rank_window=2, prob_gap=0.3, max_dist=1.0,
+                               embeddings=torch.randn(V, 2, generator=torch.Generator().manual_seed(0))),
 }
 
 

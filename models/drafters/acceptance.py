@@ -27,6 +27,10 @@ Sibling tests (children of one node, in drafting order x_1, x_2, …; r_1 = p):
 
 With relaxation off both rules are exactly lossless: the output token is distributed as p (tests prove it).
 
+GSD (:mod:`models.drafters.grouped`, a config with ``group_mask``) plugs into the same sibling chain with its own
+test: G_j = the group of x_j built on r_j; accept with min(1, r_j(G_j) / q_j(G_j)) (dynamic: q_j = δ_{x_j}, so
+r_j(G_j)); on rejection r_{j+1} = normalise(max(0, r_j − q_j)), the plain speculative residual.
+
 What δ and λ guarantee (``AcceptConfig.budget``; R_j = P(sibling j is tested) = Π_{l<j}(1 − a_l), a_l the
 acceptance probability of sibling l, c*_j = p̃_j(x_j) − r_j(x_j) the mass moved onto x_j):
 
@@ -168,6 +172,12 @@ class AcceptConfig:
     @property
     def enabled(self) -> bool:
         return self.relax is not None
+
+    @property
+    def needs_neighbours(self) -> bool:
+        """Whether the rule reads the latent neighbour table (LANTERN / LANTERN++; GSD reads the target's own
+        token embeddings instead, :mod:`models.drafters.grouped`)."""
+        return self.enabled
 
     @property
     def table_columns(self) -> int:
@@ -468,8 +478,9 @@ def _sibling_chain(
     vocab = target_probs.shape[-1]
     if child_mask is None:
         child_mask = torch.ones(children.shape, dtype=torch.bool, device=children.device)
-    if cfg.enabled and neighbours is None:
+    if cfg.needs_neighbours and neighbours is None:
         raise ValueError("relaxed acceptance needs a neighbour table")
+    group_rule = hasattr(cfg, "group_mask")  # GSD (models/drafters/grouped.py)
     lead = children.shape[:-1]
     if not sample:
         u = None
@@ -500,8 +511,9 @@ def _sibling_chain(
             p_tilde = r.gather(-1, x1).squeeze(-1)
             agg = torch.zeros(r.shape, dtype=torch.bool, device=dev).scatter_(-1, x1, True)
             m_star = torch.zeros_like(x)
-        elif hasattr(cfg, "relaxed_for"):  # a rule with its own aggregated set (GSD, models/drafters/grouped.py)
-            p_tilde, agg = cfg.relaxed_for(r, x, neighbours)
+        elif group_rule:  # GSD: the group G(x_j) built on r_j; p_tilde = r_j(G), agg = G
+            agg = cfg.group_mask(r, x)
+            p_tilde = (r * agg).sum(-1)
             m_star = agg.sum(-1) - 1
         else:
             budget = None
@@ -517,14 +529,21 @@ def _sibling_chain(
         if static:
             q_j = _normalise_or(q_rem, q_rem)  # = Q / (1 − Σ_{l<j} Q(x_l)) for a normalised Q
             q_x = q_j.gather(-1, x1).squeeze(-1)
+            if group_rule:  # GSD: min(1, p(G) / q(G))
+                q_x = (q_j * agg).sum(-1)
             accept_prob = torch.where(q_x > 0, (p_tilde / q_x.clamp(min=_EPS)).clamp(max=1.0), (p_tilde > 0).to(dt))
         else:
-            accept_prob = p_tilde.clamp(max=1.0)
+            accept_prob = p_tilde.clamp(max=1.0)  # q = δ_x (GSD: q(G) = 1)
         if u is not None:
             acc = valid & (accepted < 0) & (u[..., j] < accept_prob)
             accepted = torch.where(acc, j, accepted)
         # the residual r_{j+1} the process continues with if x_j is rejected
-        if not static:
+        if group_rule:  # GSD's residual is the plain speculative one, normalise(max(0, r_j − q_j))
+            q_res = q_j if static else torch.zeros_like(r).scatter_(-1, x1, 1.0)
+            nxt = _normalise_or((r - q_res).clamp(min=0.0), r)
+            if static:
+                q_rem = torch.where(valid[..., None], q_rem.scatter(-1, x1, 0.0), q_rem)
+        elif not static:
             if original:  # the original: x and N_1..N_{k+1} leave whenever m* >= 1, empty -> uniform
                 zero = agg.scatter(-1, x1, True)
                 zero = torch.where((m_star >= 1).unsqueeze(-1), zero | _original_neighbour_mask(r, x, cfg, neighbours),
@@ -947,7 +966,7 @@ def verify_trees(
         target_probs = target_probs.float()
     if target_probs.shape[:2] != trees.tokens.shape:
         raise ValueError(f"target_probs has shape {tuple(target_probs.shape)} for trees of {tuple(trees.tokens.shape)}")
-    if cfg.enabled and neighbours is None:
+    if cfg.needs_neighbours and neighbours is None:
         raise ValueError("relaxed acceptance needs a neighbour table")
     if greedy:
         return _verify_greedy_batch(trees, target_probs, cfg, neighbours)
