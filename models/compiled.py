@@ -28,12 +28,14 @@ kernel launches of its graph (:func:`graph_launches`).
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import time
 
 import torch
 
 from models.drafters.kv_cache import KVCache
+from models.generation import ar_step
 
 
 class CompileCounter:
@@ -166,6 +168,7 @@ class CompiledTarget:
     def __init__(self, target, mode: str | None = None, backend: str = "inductor", drafter: bool = False):
         self._target, self._mode, self._backend, self._compile_drafter = target, mode, backend, drafter
         self._run = _CompiledFn(target.forward_hidden, mode, backend)
+        self._step = _CompiledFn(functools.partial(ar_step, target), mode, backend)
         self._drafters: dict[int, CompiledDrafter] = {}
 
     def with_drafter(self, drafter: bool = True) -> CompiledTarget:
@@ -178,7 +181,9 @@ class CompiledTarget:
 
     @property
     def target_graphs(self) -> int | None:
-        return self._run.counter.graphs if self._run.counter is not None else None
+        if self._run.counter is None:
+            return None
+        return self._run.counter.graphs + self._step.counter.graphs
 
     @property
     def drafter_graphs(self) -> int | None:
@@ -193,7 +198,7 @@ class CompiledTarget:
 
     @property
     def compile_s(self) -> float:
-        return self._run.compile_s + sum(d._run.compile_s for d in self._drafters.values())
+        return self._run.compile_s + self._step.compile_s + sum(d._run.compile_s for d in self._drafters.values())
 
     def __getattr__(self, name):  # lm_head, embed_tokens, new_cache, config, embed_condition, ...
         return getattr(self._target, name)
@@ -216,6 +221,18 @@ class CompiledTarget:
             attn_mask = torch.nn.functional.pad(attn_mask, (0, pad), value=float("-inf"))
         key = (tuple(h.shape), rope_pos.ndim, cache_pos.ndim if cache_pos is not None else None)
         return self._run(key, h, rope_pos, cache, cache_pos, attn_mask)
+
+
+    def ar_step(self, token, step, cache, keys_valid, kv_len, prefix_len, cfg_scale, sampling, allowed=None,
+                noise=None, uniforms=None):
+        """:func:`models.generation.ar_step` as one compiled graph (token ids to the next tokens), over the whole
+        cache (``kv_len`` becomes the cache length: the step's position is a tensor, its shapes fixed)."""
+        if not isinstance(cache, KVCache):
+            return ar_step(self._target, token, step, cache, keys_valid, kv_len, prefix_len, cfg_scale, sampling,
+                           allowed, noise, uniforms)
+        key = ("ar_step", tuple(token.shape), keys_valid.shape[0], cache.max_len, noise is None, uniforms is None)
+        return self._step(key, token, step, cache, keys_valid, cache.max_len, prefix_len, cfg_scale, sampling,
+                          allowed, noise, uniforms)
 
 
 class CompiledDrafter:
