@@ -223,6 +223,8 @@ def generate_ar(
     cache = target.new_cache(rows, t + num_tokens)
     keys_valid = key_validity(prefix, t + num_tokens)
     hidden = prefill(target, prefix, cache)
+    if num_tokens == 0:
+        return hidden.new_empty(batch, 0, dtype=torch.long), GenerationStats(time.perf_counter() - start, 0, 1)
     step_fn = getattr(target, "ar_step", None) or (lambda *args: ar_step(target, *args))
     logits = target.lm_head(hidden[:, -1]).float()
     draws = not sampling.greedy and uniforms is None  # Exp(1) noise per step, drawn here: see draw_noise
