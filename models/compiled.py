@@ -3,9 +3,12 @@
 Why: on a small model every decoding step is bound by the dispatch of a few hundred small aten operators (issue
 8); a compiled forward fuses them. To compile once and never again, every cached forward gets the same shapes
 from call to call: the attention mask is padded with ``-inf`` to the full cache length, so the queries attend
-over all ``max_len`` slots and the masked ones get exactly zero weight. The query count stays what the caller
-gives — 1 for an AR step, the (fixed) tree size for a verification forward — so a run compiles one graph per
-query count it uses (AR: one; a speculative setting: its tree size, plus the drafter-free AR step if any).
+over all ``max_len`` slots and the masked ones get exactly zero weight. A plain-AR step is compiled whole
+(:meth:`CompiledTarget.ar_step`, the graph of :func:`models.generation.ar_step`): token ids to the next tokens —
+embedding, the mask built inside the graph from the step's position tensor, layers, head, CFG, token
+restriction, processing and choice — with no host sync, so only the sampler's Exp(1) draw runs eagerly between
+two graph calls; a run compiles one such graph per sampling setting. A tree-verification forward keeps the
+caller's query count (the fixed tree size): one graph per tree size.
 The prefill (a boolean mask over the prompt only) and any forward without a cache stay eager.
 
 Outputs: the compiled graph computes the same function; its floating-point results may differ from eager in
@@ -28,12 +31,14 @@ kernel launches of its graph (:func:`graph_launches`).
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import time
 
 import torch
 
 from models.drafters.kv_cache import KVCache
+from models.generation import ar_step
 
 
 class CompileCounter:
@@ -166,6 +171,7 @@ class CompiledTarget:
     def __init__(self, target, mode: str | None = None, backend: str = "inductor", drafter: bool = False):
         self._target, self._mode, self._backend, self._compile_drafter = target, mode, backend, drafter
         self._run = _CompiledFn(target.forward_hidden, mode, backend)
+        self._step = _CompiledFn(functools.partial(ar_step, target), mode, backend)
         self._drafters: dict[int, CompiledDrafter] = {}
 
     def with_drafter(self, drafter: bool = True) -> CompiledTarget:
@@ -178,7 +184,9 @@ class CompiledTarget:
 
     @property
     def target_graphs(self) -> int | None:
-        return self._run.counter.graphs if self._run.counter is not None else None
+        if self._run.counter is None:
+            return None
+        return self._run.counter.graphs + self._step.counter.graphs
 
     @property
     def drafter_graphs(self) -> int | None:
@@ -193,7 +201,7 @@ class CompiledTarget:
 
     @property
     def compile_s(self) -> float:
-        return self._run.compile_s + sum(d._run.compile_s for d in self._drafters.values())
+        return self._run.compile_s + self._step.compile_s + sum(d._run.compile_s for d in self._drafters.values())
 
     def __getattr__(self, name):  # lm_head, embed_tokens, new_cache, config, embed_condition, ...
         return getattr(self._target, name)
@@ -216,6 +224,21 @@ class CompiledTarget:
             attn_mask = torch.nn.functional.pad(attn_mask, (0, pad), value=float("-inf"))
         key = (tuple(h.shape), rope_pos.ndim, cache_pos.ndim if cache_pos is not None else None)
         return self._run(key, h, rope_pos, cache, cache_pos, attn_mask)
+
+
+    def ar_step(self, token, step, cache, keys_valid, kv_len, prefix_len, cfg_scale, sampling, allowed=None,
+                noise=None, uniforms=None):
+        """:func:`models.generation.ar_step` as one compiled graph (token ids to the next tokens), over the whole
+        cache (``kv_len`` becomes the cache length: the step's position is a tensor, its shapes fixed)."""
+        if not isinstance(cache, KVCache):
+            return ar_step(self._target, token, step, cache, keys_valid, kv_len, prefix_len, cfg_scale, sampling,
+                           allowed, noise, uniforms)
+        key = ("ar_step", tuple(token.shape), keys_valid.shape[0], cache.max_len, noise is None, uniforms is None)
+        out = self._step(key, token, step, cache, keys_valid, cache.max_len, prefix_len, cfg_scale, sampling,
+                         allowed, noise, uniforms)
+        if self._mode == "reduce-overhead":  # CUDA graphs reuse output memory at the next replay: keep copies
+            out = tuple(x.clone() for x in out)
+        return out
 
 
 class CompiledDrafter:
@@ -302,9 +325,9 @@ class _CompileDrafter(argparse.Action):
 def add_compile_args(parser) -> None:
     """``--compile`` / ``--compile_mode`` (generate_images, benchmark)."""
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the target's cached forward (AR step, tree verification) with static "
-                        "shapes; off by default (on the CPU demo it speeds plain AR up 1.8x but speculative rounds hardly; "
-                        "README '--compile')")
+                        help="torch.compile the AR step (token ids to next tokens, one graph) and the target's "
+                        "tree-verification forward with static shapes; off by default (on the CPU demo it speeds "
+                        "plain AR up 2.4x but speculative rounds hardly; README '--compile')")
     parser.add_argument("--compile_drafter", action=_CompileDrafter, nargs=0, default=False,
                         help="compile the drafter's cached forward too (implies --compile; static shapes, query "
                         "counts padded to the tree's level sizes); off by default: on the CPU demo it is slower")

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.sampling import SamplingConfig, cfg_combine, sample_from_probs, sample_token, target_probs
+from models.sampling import (
+    SamplingConfig,
+    cfg_combine,
+    sample_from_probs,
+    sample_token,
+    sample_with_uniforms,
+    target_probs,
+)
 from models.token_masks import apply_allowed_tokens
 
 # one generator shared by the batch, one per prompt, or None (torch's default generator)
@@ -126,6 +133,64 @@ class GenerationStats:
         return self.num_tokens / self.latency if self.latency > 0 else float("nan")
 
 
+def draw_noise(buf: torch.Tensor, generators: Generators) -> torch.Tensor:
+    """Fill ``buf`` (B, V) float32 with the Exp(1) draws that ``torch.multinomial(probs, 1, generator)`` makes.
+
+    Why: torch's one-sample multinomial is ``argmax(p / q)`` with ``q = empty_like(p).exponential_(1, gen)``
+    (the Gumbel-max trick in exponential form, aten ``multinomial``'s fast path), preceded by validity checks
+    that read values back to the host. Drawing ``q`` ourselves and taking the argmax inside the step (compiled or
+    not) gives the same tokens from the same generator state, with no host sync and no graph break. With one
+    generator per prompt, row b is drawn from generator b (as :func:`sample_per_prompt` draws row b alone).
+    """
+    if generators is None or isinstance(generators, torch.Generator):
+        return buf.exponential_(1, generator=generators)
+    for b, g in enumerate(generators):
+        buf[b].exponential_(1, generator=g)
+    return buf
+
+
+def choose_tokens(logits, index, cfg_scale: float, sampling: SamplingConfig, allowed=None, noise=None,
+                  uniforms=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw logits (rows, V) predicting image-token ``index`` (int or 0-/1-element tensor) -> (tokens (B,),
+    CFG-combined restricted logits (B, V)).
+
+    Greedy: argmax. Sampled: ``target_probs`` then, with ``uniforms`` (B, N), the inverse-CDF draw of column
+    ``index``; otherwise ``argmax(p / noise)`` with ``noise`` from :func:`draw_noise` (= ``torch.multinomial``).
+    Pure tensor code, so the compiled AR step (:func:`ar_step`) contains it.
+    """
+    combined = apply_allowed_tokens(cfg_combine(logits, cfg_scale), allowed, index)
+    if sampling.greedy:
+        return combined.argmax(dim=-1), combined
+    probs = target_probs(combined, sampling)
+    if uniforms is not None:
+        u = uniforms[:, index] if isinstance(index, int) else uniforms.index_select(1, index.reshape(1))[:, 0]
+        return sample_with_uniforms(probs, u.to(probs.device)), combined
+    return (probs / noise).argmax(dim=-1), combined
+
+
+def ar_step(target, token, step, cache, keys_valid, kv_len: int, prefix_len: int, cfg_scale: float,
+            sampling: SamplingConfig, allowed=None, noise=None, uniforms=None):
+    """One plain-AR step, token ids to the next tokens: feed ``token`` (B,), the image token of index ``step``
+    ((1,) long tensor), and choose the token of index ``step + 1`` -> (tokens (B,), combined logits (B, V),
+    ``step + 1``).
+
+    The queries see the first ``kv_len`` cache slots, masked from ``keys_valid`` and the position inside the
+    step (slots after the query's position are hidden), so ``kv_len`` may be the cache length: a step of fixed
+    shapes whose position is a tensor, which :class:`~models.compiled.CompiledTarget` compiles as one graph
+    (embedding, layers, head, CFG, token restriction, processing, choice) with no host sync.
+    """
+    rows = keys_valid.shape[0]
+    pos = step + prefix_len
+    emb = target.embed_tokens(token.repeat(rows // token.shape[0])[:, None])
+    slots = torch.arange(kv_len, device=pos.device)
+    mask = additive_mask(keys_valid[:, None, None, :kv_len] & (slots <= pos), emb.dtype)
+    hidden = target.forward_hidden(emb, pos, cache, pos, mask)
+    nxt = step + 1
+    tokens, combined = choose_tokens(target.lm_head(hidden[:, -1]).float(), nxt, cfg_scale, sampling, allowed,
+                                     noise, uniforms)
+    return tokens, combined, nxt
+
+
 @torch.inference_mode()
 def generate_ar(
     target,
@@ -142,10 +207,14 @@ def generate_ar(
     One target forward per token after the prefill; the unconditional rows receive the same tokens as the
     conditional ones. ``allowed_tokens`` restricts sampling: a (V,) bool vocabulary mask or a per-position
     :class:`~models.token_masks.PositionalTokenMask` (forced tokens are point masses).
-    ``generator``: one shared generator or one per prompt (see :func:`sample_per_prompt`).
+    ``generator``: one shared generator or one per prompt (see :func:`sample_per_prompt`; the draws are the
+    same, see :func:`draw_noise`).
     ``uniforms`` (B, num_tokens) replaces ``generator`` by one random stream per sample (inverse-CDF draws), so
     a sample's tokens do not depend on the batch it runs in. ``on_step(i, logits, tokens)`` sees the CFG-combined
     logits (B, V) and the chosen tokens of every step (for measurements such as next-token entropy).
+
+    Every step after the first is :func:`ar_step`; a target that offers its own ``ar_step`` (the compiled one,
+    :class:`~models.compiled.CompiledTarget`) runs it instead, with the same arguments.
     """
     start = time.perf_counter()
     rows, t = prefix.rows, prefix.length
@@ -154,28 +223,29 @@ def generate_ar(
     cache = target.new_cache(rows, t + num_tokens)
     keys_valid = key_validity(prefix, t + num_tokens)
     hidden = prefill(target, prefix, cache)
+    if num_tokens == 0:
+        return hidden.new_empty(batch, 0, dtype=torch.long), GenerationStats(time.perf_counter() - start, 0, 1)
+    step_fn = getattr(target, "ar_step", None) or (lambda *args: ar_step(target, *args))
     logits = target.lm_head(hidden[:, -1]).float()
-    out = torch.empty(batch, num_tokens, dtype=torch.long, device=hidden.device)
-    forwards = 1
-    for i in range(num_tokens):
-        combined = cfg_combine(logits, prefix.cfg_scale)
-        combined = apply_allowed_tokens(combined, allowed_tokens, i)  # static or per-position mask
-        if uniforms is not None:
-            token = sample_token(combined, sampling, None, uniforms[:, i].to(combined.device))
-        else:
-            token = sample_per_prompt(combined, sampling, generator)
-        out[:, i] = token
+    draws = not sampling.greedy and uniforms is None  # Exp(1) noise per step, drawn here: see draw_noise
+    noise = draw_noise(logits.new_empty(batch, logits.shape[-1]), generator) if draws else None
+    if uniforms is not None:
+        uniforms = uniforms.to(hidden.device)
+    token, combined = choose_tokens(logits, 0, prefix.cfg_scale, sampling, allowed_tokens, noise, uniforms)
+    tokens = [token]
+    if on_step is not None:
+        on_step(0, combined, token)
+    step = torch.zeros(1, dtype=torch.long, device=hidden.device)
+    for i in range(1, num_tokens):
+        if draws:
+            draw_noise(noise, generator)
+        token, combined, step = step_fn(token, step, cache, keys_valid, t + i, t, prefix.cfg_scale, sampling,
+                                        allowed_tokens, noise, uniforms)
+        tokens.append(token)
         if on_step is not None:
             on_step(i, combined, token)
-        if i == num_tokens - 1:
-            break
-        pos = torch.tensor([t + i], device=hidden.device)
-        ids = token.repeat(rows // batch)[:, None]
-        emb = target.embed_tokens(ids)
-        h = target.forward_hidden(emb, pos, cache, pos, additive_mask(keys_valid[:, None, None, : t + i + 1], emb.dtype))
-        logits = target.lm_head(h[:, -1]).float()
-        forwards += 1
+    out = torch.stack(tokens, dim=1)
     if out.is_cuda:
         torch.cuda.synchronize(out.device)
-    stats = GenerationStats(time.perf_counter() - start, num_tokens * batch, forwards)
+    stats = GenerationStats(time.perf_counter() - start, num_tokens * batch, num_tokens)
     return out, stats

@@ -10,9 +10,10 @@ from models.compiled import CompiledDrafter, CompiledTarget, compile_target, dra
 from models.drafters.choices import get_tree_choices
 from models.drafters.tree import StaticTreeTemplate
 from models.ea_model import SpeculativeDecoder, TreeConfig
-from models.generation import generate_ar
-from models.profiling import OpCounter
-from models.sampling import SamplingConfig
+from models.generation import draw_noise, generate_ar
+from models.profiling import OpCounter, profile_ar_step
+from models.sampling import SamplingConfig, sample_from_probs
+from models.token_masks import PositionalTokenMask
 
 GREEDY = SamplingConfig(temperature=0)
 SAMPLED = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0)
@@ -40,9 +41,10 @@ def _check_same_tokens_and_no_recompile(backend: str):
         for sampling in (GREEDY, SAMPLED):
             want = _decode(model, drafter, first, sampling, tree, 3)
             assert torch.equal(_decode(compiled, drafter, first, sampling, tree, 3), want), (tree, sampling)
-    # target: one graph per query count: AR (1), dynamic tree (12 nodes), chain (7 nodes); drafter: one per
-    # query bucket: dynamic (top_k_draft 4 = depth + 1: catch-up and levels), chain (levels 1, catch-up 7)
-    assert (compiled.target_graphs, compiled.drafter_graphs) == (3, 3)
+    # target: the AR step (token ids to next tokens, so one graph per sampling setting: greedy, sampled) and
+    # one forward per query count: dynamic tree (12 nodes), chain (7 nodes); drafter: one per query bucket:
+    # dynamic (top_k_draft 4 = depth + 1: catch-up and levels), chain (levels 1, catch-up 7)
+    assert (compiled.target_graphs, compiled.drafter_graphs) == (4, 3)
     graphs = compiled.graphs
     for tree in (None, TREES["dynamic"], CHAIN):  # new images, new caches: no recompilation
         for sampling in (GREEDY, SAMPLED):
@@ -72,6 +74,109 @@ def test_inductor_compiled_target_decodes_like_eager_and_never_recompiles():
     assert torch.equal(got, want) and compiled.graphs == graphs
     assert eager_ops.graph_calls == 0 and ops.graph_calls > 0 and ops.graph_launches > 0
     assert ops.total < eager_ops.total  # a compiled forward launches fewer kernels than eager dispatches ops
+    # a compiled AR step is one graph call; outside it the sampler's Exp(1) draw is dispatched eagerly, plus
+    # (spread over the 15 steps) the first token's eager choice after the prefill and the final stack
+    step = profile_ar_step(compiled, prefix, 16, SAMPLED, lambda: [torch.Generator().manual_seed(1)])
+    assert step["graph_calls_per_step"] == 1
+    assert step["ops_per_step"] - step["graph_launches_per_step"] <= 4, step
+    assert compiled.graphs == graphs
+
+
+def test_exponential_noise_argmax_draws_what_torch_multinomial_draws():
+    """The AR step samples ``argmax(p / q)`` with ``q`` from :func:`draw_noise`: the same tokens as
+    ``torch.multinomial(p, 1, generator)`` from the same generator state (shared generator over a batch, one
+    generator per prompt), zero-probability tokens never drawn, and the generators left in the same state."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
+    probs = torch.softmax(logits.index_fill(1, torch.tensor([0, 7, 49]), float("-inf")), -1)
+    a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    pa = [torch.Generator().manual_seed(s) for s in (2, 3, 4)]
+    pb = [torch.Generator().manual_seed(s) for s in (2, 3, 4)]
+    for _ in range(300):
+        want = sample_from_probs(probs, a)
+        assert torch.equal((probs / draw_noise(torch.empty_like(probs), b)).argmax(-1), want)
+        want = torch.cat([sample_from_probs(probs[r : r + 1], g) for r, g in enumerate(pa)])
+        assert torch.equal((probs / draw_noise(torch.empty_like(probs), pb)).argmax(-1), want)
+        assert not torch.isin(want, torch.tensor([0, 7, 49])).any()
+    assert torch.equal(a.get_state(), b.get_state())
+    assert all(torch.equal(x.get_state(), y.get_state()) for x, y in zip(pa, pb))
+
+
+def test_ar_decoding_reads_nothing_back_to_the_host():
+    """No ``.item()`` / ``int()`` in the AR loop, nor inside the ops it calls (``torch.multinomial`` reads its
+    input's validity back, twice per call): a read-back stalls a GPU every step, and a compiled step could not
+    be one graph. The profiler sees nested aten calls: no ``_local_scalar_dense`` in an eager greedy, seeded
+    (one generator per prompt / shared) or inverse-CDF decode."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, io = _fixture_gpt("c2i")
+    first, _ = _prefixes(model, io)
+    for sampling, gens, uniforms in ((GREEDY, None, None), (SAMPLED, [torch.Generator().manual_seed(0)], None),
+                                     (SAMPLED, torch.Generator().manual_seed(0), None),
+                                     (SAMPLED, None, torch.rand(1, 16))):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            generate_ar(model, first, 16, sampling, gens, uniforms=uniforms)
+        names = {e.key: e.count for e in prof.key_averages()}
+        assert names.get("aten::mm", 0) + names.get("aten::addmm", 0) > 0  # the profiler saw the decode
+        assert "aten::_local_scalar_dense" not in names, (sampling, names.get("aten::_local_scalar_dense"))
+
+
+def _ar_settings(model, io):
+    """Plain-AR settings the compiled step must decode like eager: name, prefix, sampling config (built anew at
+    every call: value-equal configs share a graph), generators for a seed shift, allowed tokens, uniforms."""
+    first, second = _prefixes(model, io)
+    pair = _prefix(model, io["gen_cond"][:2], torch.ones(2, 1, dtype=torch.bool), 4.0)
+    v = model.config.vocab_size
+    classes = torch.ones(2, v, dtype=torch.bool)
+    classes[0, v // 2 :] = False  # class 0: the lower half of the vocabulary; class 1: one forced token
+    classes[1] = torch.arange(v) == 3
+    positional = PositionalTokenMask(classes, (torch.arange(16) % 5 == 4).long()[None])
+
+    def per_prompt(*seeds):
+        return lambda shift: [torch.Generator().manual_seed(s + shift) for s in seeds]
+
+    def sampled(**kw):
+        return lambda: SamplingConfig(**{"temperature": 1.0, **kw})
+
+    def uniforms(shift):
+        return torch.rand(1, 16, generator=torch.Generator().manual_seed(8 + shift))
+
+    return [
+        ("greedy", first, lambda: SamplingConfig(temperature=0), lambda shift: None, None, None),
+        ("seeded", first, sampled(), per_prompt(3), None, None),
+        ("shared generator", first, sampled(), lambda shift: torch.Generator().manual_seed(4 + shift), None, None),
+        ("batch of two", pair, sampled(), per_prompt(5, 6), None, None),
+        ("top-k/top-p", second, sampled(temperature=0.9, top_k=20, top_p=0.8), per_prompt(7), None, None),
+        ("uniforms", second, sampled(), lambda shift: None, None, uniforms),
+        ("positional mask", second, sampled(), per_prompt(9), positional, None),
+    ]
+
+
+def test_compiled_ar_step_decodes_like_eager_as_one_graph_per_setting():
+    """The compiled AR step (token ids to next tokens: embedding, mask from the position tensor, layers, head,
+    CFG, token restriction, processing, choice — one graph): greedy and seeded tokens equal eager's, and the
+    logits ``on_step`` observes too; exactly one graph per setting (no graph break), none for new images."""
+    torch._dynamo.reset()
+    model, io = _fixture_gpt("c2i")
+    compiled = CompiledTarget(model, backend="eager")
+    for shift in (0, 100):  # the second pass: new seeds and uniforms, new caches, new configs: no new graph
+        for name, prefix, sampling, gens, allowed, uniforms in _ar_settings(model, io):
+            seen = {"eager": [], "compiled": []}
+            runs = {}
+            for label, target in (("eager", model), ("compiled", compiled)):
+                runs[label] = generate_ar(target, prefix, 16, sampling(), gens(shift), allowed,
+                                          None if uniforms is None else uniforms(shift),
+                                          on_step=lambda i, logits, tok, log=seen[label]: log.append(logits))[0]
+            assert torch.equal(runs["compiled"], runs["eager"]), name
+            assert len(seen["compiled"]) == 16, name
+            assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(seen["compiled"], seen["eager"])), name
+            if allowed is not None:  # the restriction held: forced positions forced, the rest in the lower half
+                forced = allowed.forced[0]
+                tokens = runs["compiled"][0]
+                assert (tokens[forced] == 3).all() and (tokens[~forced] < model.config.vocab_size // 2).all()
+        # greedy; sampled batch 1 (seeded and shared generator: one graph); batch 2; top-k/top-p; uniforms;
+        # positional mask
+        assert compiled.target_graphs == 6, shift
+    assert compiled.compile_s > 0
 
 
 def test_compiled_drafter_in_a_batch_decodes_like_eager():

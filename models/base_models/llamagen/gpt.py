@@ -138,7 +138,16 @@ def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     (x0 + i·x1)·(cos + i·sin) as one complex product: the same arithmetic as LlamaGen's stacked form
     (bitwise equal), several times faster for multi-token calls. ``freqs`` may also be per row (B, S, D/2, 2)
     (explicit per-row positions: batched speculative decoding, where every prompt sits at its own position).
+    Under ``torch.compile`` (``--compile``) the product is written out on (cos, sin) pairs instead: inductor
+    fuses that into the surrounding kernels, whereas complex views and products are aten fallbacks (~10
+    extra launches per layer and step).
     """
+    if torch.compiler.is_compiling():
+        xs = x.float().reshape(*x.shape[:-1], -1, 2)
+        f = freqs.float().unsqueeze(-3)  # (S, 1, D/2, 2) or (B, S, 1, D/2, 2): broadcast over heads
+        re, im = xs[..., 0], xs[..., 1]
+        cos, sin = f[..., 0], f[..., 1]
+        return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(3).type_as(x)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
     fc = torch.view_as_complex(freqs.float().contiguous()).unsqueeze(-2)  # (S, 1, D/2) or (B, S, 1, D/2)
     return torch.view_as_real(xc * fc).flatten(3).type_as(x)
