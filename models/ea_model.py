@@ -38,7 +38,6 @@ import torch
 from models.drafters.acceptance import AcceptConfig, verify_trees
 from models.drafters.cnets import EagleDrafter
 from models.drafters.tree import (
-    DraftTree,
     StaticTreeTemplate,
     TreeBatch,
     batched_children,
@@ -133,18 +132,16 @@ class SpeculativeDecoder:
         self.profiler = None  # models.profiling.PhaseProfiler: phase marks for the benchmark (None = no cost)
         # the realised per-node TVD (issue 13) costs ~40 % of a relaxed verify's ops; off: same tokens, no TVD stats
         self.measure_shift = True
-        # verify_trees' schedule (same draws, same outcome): None/True = all nodes at once, False = per depth level
-        self.verify_all_nodes: bool | None = None
+        # verify_trees' schedule (same draws, same outcome): True = all nodes at once, False = per depth level
+        self.verify_all_nodes = True
         self.round_observer = None  # called as (trees, results) after each verification (``--tree auto``'s statistics)
-        if self.tree_cfg.static_choices is not None:
-            self.set_static_tree(self.tree_cfg.static_choices)
         # --compile_drafter: a compiled target made with drafter=True compiles the drafter's forward too
         make = getattr(target, "compiled_drafter", None) if drafter is not None else None
         self._compiled_drafter = make(drafter) if make is not None else None
-        if self._compiled_drafter is not None:
-            from models.compiled import drafter_q_buckets
-
-            self._q_buckets = drafter_q_buckets(self.tree_cfg, self.template)
+        if self.tree_cfg.static_choices is not None:
+            self.set_static_tree(self.tree_cfg.static_choices)
+        else:
+            self._set_q_buckets()
 
     def set_static_tree(self, choices) -> None:
         """Decode with the static tree ``choices`` from the next :meth:`generate` on (``--tree auto`` re-picks
@@ -158,7 +155,11 @@ class SpeculativeDecoder:
         children, rank = batched_children(self.template.parents[None], self.template.children.shape[1])
         self._static_struct = (children[0], rank[0], (self.template.num_children > 0).nonzero().squeeze(1))
         self._static_plans: dict[str, dict] = {}  # the builder's per-level plan per device (_static_plan)
-        if getattr(self, "_compiled_drafter", None) is not None:  # the drafter's query buckets follow the tree
+        self._set_q_buckets()
+
+    def _set_q_buckets(self) -> None:
+        """The compiled drafter's padded query counts, which follow the tree (nothing without one)."""
+        if self._compiled_drafter is not None:
             from models.compiled import drafter_q_buckets
 
             self._q_buckets = drafter_q_buckets(self.tree_cfg, self.template)
@@ -489,16 +490,6 @@ class SpeculativeDecoder:
             extra["node_tvd_mean"] = sum(p["node_tvd_mean"] for p in per_prompt) / len(per_prompt)
             extra["node_tvd_max"] = max(p["node_tvd_max"] for p in per_prompt)
         return tokens, GenerationStats(latency, n_tok * batch, forwards, extra)
-
-
-def _stack_trees(trees: list[DraftTree]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokens (B, n), depths (B, n) and tree masks (B, n, n) of the batch's trees, padded to the largest
-    (:func:`~models.drafters.tree.stack_trees`).
-
-    Padding nodes (token 0, depth 0) attend only to themselves; nothing reads their outputs.
-    """
-    tb = stack_trees(trees)
-    return tb.tokens, tb.depths, tb.tree_mask
 
 
 def _by_depth(accepted: list[torch.Tensor], attempted: list[torch.Tensor]) -> list[float]:

@@ -15,8 +15,8 @@ import torch
 from test_engine import TREES, _fixture_gpt, _prefix, _random_drafter
 
 from models.drafters.kv_cache import KVCache
-from models.drafters.tree import build_tree
-from models.ea_model import SpeculativeDecoder, _stack_trees
+from models.drafters.tree import build_tree, stack_trees
+from models.ea_model import SpeculativeDecoder
 from models.generation import Prefix, generate_ar
 from models.sampling import SamplingConfig
 
@@ -107,7 +107,8 @@ def test_generators_must_match_the_batch():
 def test_stack_trees_pads_smaller_trees_with_isolated_nodes():
     a = build_tree(torch.tensor([5, 1, 2]), torch.tensor([-1, 0, 0]))
     b = build_tree(torch.tensor([7, 3, 4, 6]), torch.tensor([-1, 0, 1, 2]))
-    tok, dep, mask = _stack_trees([a, b])
+    stacked = stack_trees([a, b])
+    tok, dep, mask = stacked.tokens, stacked.depths, stacked.tree_mask
     assert tok.tolist() == [[5, 1, 2, 0], [7, 3, 4, 6]] and dep.tolist() == [[0, 1, 1, 0], [0, 1, 2, 3]]
     assert torch.equal(mask[0, :3, :3], a.tree_mask) and mask[0, 3].tolist() == [False, False, False, True]
     assert torch.equal(mask[1], b.tree_mask)

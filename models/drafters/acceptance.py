@@ -676,8 +676,15 @@ def node_tvd(
     the node's marginal TVD from p from above (convexity), and it is 0 with relaxation off.
     """
     law = sibling_output_law(target_probs, children, cfg, neighbours, draft_probs, child_mask)
-    ref = target_probs if draft_probs is None else sibling_output_law(
-        target_probs, children, AcceptConfig(), None, draft_probs, child_mask)
+    return _shift(law, target_probs, draft_probs, children, child_mask)
+
+
+def _shift(law: torch.Tensor, target_probs: torch.Tensor, draft_probs: torch.Tensor | None, children: torch.Tensor,
+           child_mask: torch.Tensor | None) -> torch.Tensor:
+    """TVD (...,) of a node's output ``law`` from the exact rule's: p (dynamic), or the exact static test's law
+    given the same drawn children (see :func:`node_tvd`)."""
+    ref = target_probs if draft_probs is None else _sibling_chain(
+        target_probs, draft_probs, children, AcceptConfig(), None, None, child_mask, sample=False, want_law=True)[2]
     return 0.5 * (law - ref).abs().sum(-1)
 
 
@@ -879,9 +886,7 @@ def _verify_all_nodes(trees: TreeBatch, probs: torch.Tensor, cfg: AcceptConfig, 
     next_token = sample_with_uniforms(final, u_next)
     tvd_nodes = torch.zeros(batch, n, dtype=probs.dtype, device=dev)
     if law is not None:  # the realised shift of every node's emitted token (see node_tvd)
-        ref = p if q is None else _sibling_chain(p, q, toks, AcceptConfig(), None, None, cmask, sample=False,
-                                                 want_law=True)[2]
-        tvd_rows = torch.where(cmask.any(-1), 0.5 * (law - ref).abs().sum(-1), 0.0)
+        tvd_rows = torch.where(cmask.any(-1), _shift(law, p, q, toks, cmask), 0.0)
         tvd_nodes = tvd_rows if rows is None else tvd_nodes.index_copy_(1, rows, tvd_rows)
     return _finish(trees, path, accept_len, next_token, tvd_nodes.gather(1, path))
 
@@ -907,9 +912,7 @@ def _verify_by_level(trees: TreeBatch, probs: torch.Tensor, cfg: AcceptConfig, n
                                         uniforms=_rows(u_sib, cur))
         tested = alive & cmask.any(-1)
         if law is not None:
-            ref = p_cur if q_cur is None else _sibling_chain(p_cur, q_cur, toks, AcceptConfig(), None, None, cmask,
-                                                             sample=False, want_law=True)[2]
-            tvds.append(torch.where(tested, 0.5 * (law - ref).abs().sum(-1), 0.0))
+            tvds.append(torch.where(tested, _shift(law, p_cur, q_cur, toks, cmask), 0.0))
         acc = tested & (rank >= 0)
         stop_res = torch.where(tested[:, None], res, p_cur)  # a leaf samples from p
         final = torch.where((alive & ~acc)[:, None], stop_res, final)
@@ -941,7 +944,7 @@ def verify_trees(
     greedy: bool = False,
     generators=None,
     measure_shift: bool = True,
-    all_nodes: bool | None = None,
+    all_nodes: bool = True,
 ) -> BatchVerifyResult:
     """Verify every prompt's tree of the batch in one call: the rule of :func:`verify_tree`, batched.
 
@@ -971,8 +974,6 @@ def verify_trees(
     if greedy:
         return _verify_greedy_batch(trees, target_probs, cfg, neighbours)
     u_sib, u_next = tree_uniforms(trees, generators, target_probs.device, target_probs.dtype)
-    if all_nodes is None:
-        all_nodes = True
     if trees.internal is None:  # trees of this round only (dynamic, chains): one host look at their shape
         n_child = (trees.children >= 0).sum(-1)  # (B, n)
         width, depth = torch.stack([n_child.max(), trees.depths.max()]).tolist()

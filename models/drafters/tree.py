@@ -256,20 +256,9 @@ def _retrieve_paths(parents: torch.Tensor, depths: torch.Tensor, tree_mask: torc
 
 
 def children_table(parents: torch.Tensor) -> torch.Tensor:
-    """(n, max_children) children of each node in sibling (= index) order, right-padded with -1."""
-    n = parents.numel()
-    dev = parents.device
-    if n == 1:
-        return torch.full((1, 0), -1, dtype=torch.long, device=dev)
-    child = torch.arange(1, n, device=dev)
-    par = parents[1:]
-    # rank among siblings = number of earlier nodes with the same parent (n ≤ a few hundred: n² is cheap)
-    same = (par[:, None] == par[None, :]) & (child[None, :] < child[:, None])
-    rank = same.sum(1)
-    width = int(rank.max()) + 1
-    table = torch.full((n, width), -1, dtype=torch.long, device=dev)
-    table[par, rank] = child
-    return table
+    """(n, max_children) children of each node in sibling (= index) order, right-padded with -1 (one tree of
+    :func:`batched_children`)."""
+    return batched_children(parents[None])[0][0]
 
 
 def build_tree(tokens: torch.Tensor, parents: torch.Tensor, draft_probs: torch.Tensor | None = None) -> DraftTree:
