@@ -170,8 +170,14 @@ class CompiledTarget:
 
     def __init__(self, target, mode: str | None = None, backend: str = "inductor", drafter: bool = False):
         self._target, self._mode, self._backend, self._compile_drafter = target, mode, backend, drafter
+        # one graph per decoding setting of the static round (acceptance rule, sampler, tree): the benchmark
+        # compares many settings in one process, more than dynamo's default of 8 graphs per function
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._run = _CompiledFn(target.forward_hidden, mode, backend)
         self._step = _CompiledFn(functools.partial(ar_step, target), mode, backend)
+        from models.drafters.static_round import static_round
+
+        self._round = _CompiledFn(static_round, mode, backend)  # a static-tree round, whole (fused_round)
         self._drafters: dict[int, CompiledDrafter] = {}
 
     def with_drafter(self, drafter: bool = True) -> CompiledTarget:
@@ -186,7 +192,7 @@ class CompiledTarget:
     def target_graphs(self) -> int | None:
         if self._run.counter is None:
             return None
-        return self._run.counter.graphs + self._step.counter.graphs
+        return self._run.counter.graphs + self._step.counter.graphs + self._round.counter.graphs
 
     @property
     def drafter_graphs(self) -> int | None:
@@ -201,7 +207,7 @@ class CompiledTarget:
 
     @property
     def compile_s(self) -> float:
-        return self._run.compile_s + self._step.compile_s + sum(d._run.compile_s for d in self._drafters.values())
+        return self._run.compile_s + self._step.compile_s + self._round.compile_s + sum(d._run.compile_s for d in self._drafters.values())
 
     def __getattr__(self, name):  # lm_head, embed_tokens, new_cache, config, embed_condition, ...
         return getattr(self._target, name)
@@ -236,6 +242,20 @@ class CompiledTarget:
         key = ("ar_step", tuple(token.shape), keys_valid.shape[0], cache.max_len, noise is None, uniforms is None)
         out = self._step(key, token, step, cache, keys_valid, cache.max_len, prefix_len, cfg_scale, sampling,
                          allowed, noise, uniforms)
+        if self._mode == "reduce-overhead":  # CUDA graphs reuse output memory at the next replay: keep copies
+            out = tuple(x.clone() for x in out)
+        return out
+
+
+    def static_round(self, dec, plan, drafter, *args):
+        """:func:`models.drafters.static_round.static_round` as one compiled graph (tree, target forward,
+        verify, commit and the drafter's catch-up); one graph per template, batch and cache length."""
+        try:  # what a new graph is compiled for: the tree, shapes, rule and sampler (first calls are timed)
+            rule = hash((dec.accept, dec.sampling, dec.measure_shift))
+        except TypeError:  # a rule holding tensors (GSD's embeddings)
+            rule = id(dec.accept)
+        key = ("static_round", dec.tree_cfg.static_choices, tuple(args[1].shape), args[5].shape[1], rule)
+        out = self._round(key, dec, plan, self._target, drafter, *args)
         if self._mode == "reduce-overhead":  # CUDA graphs reuse output memory at the next replay: keep copies
             out = tuple(x.clone() for x in out)
         return out

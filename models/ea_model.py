@@ -134,6 +134,9 @@ class SpeculativeDecoder:
         self.measure_shift = True
         # verify_trees' schedule (same draws, same outcome): True = all nodes at once, False = per depth level
         self.verify_all_nodes = True
+        # a static tree's round as one fixed-shape function (models/drafters/static_round.py): None = when the
+        # target is compiled (one graph a round), True = also eagerly, False = never
+        self.fused_round: bool | None = None
         self.round_observer = None  # called as (trees, results) after each verification (``--tree auto``'s statistics)
         # --compile_drafter: a compiled target made with drafter=True compiles the drafter's forward too
         make = getattr(target, "compiled_drafter", None) if drafter is not None else None
@@ -331,6 +334,11 @@ class SpeculativeDecoder:
         """
         if prefix.cfg_scale != self.cfg_scale:
             raise ValueError("prefix and decoder disagree on the CFG scale")
+        if self.template is not None and self.fused_round is not False:
+            from models.drafters.static_round import fused_supported, generate_fused
+
+            if (self.fused_round or hasattr(self.target, "static_round")) and fused_supported(self, prefix):
+                return generate_fused(self, prefix, generator)
         start = time.perf_counter()
         target, n_tok = self.target, self.num_tokens
         t, dev, streams, batch = prefix.length, prefix.embeddings.device, prefix.streams, prefix.batch_size

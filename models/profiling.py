@@ -21,7 +21,7 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROUND_PHASES = ("drafter", "tree", "target", "verify", "commit")
+ROUND_PHASES = ("drafter", "tree", "target", "verify", "commit", "fused")
 
 
 class OpCounter(TorchDispatchMode):
@@ -57,7 +57,8 @@ class PhaseProfiler:
     """Wall time and (optionally) aten ops per phase of the speculative loop, summed over a generate call.
 
     ``mark(name)`` closes the phase running since the previous mark and opens ``name``; ``mark(None)`` closes
-    without opening (end of the loop). ``rounds`` counts marks of ``"drafter"`` (the first phase of a round).
+    without opening (end of the loop). ``rounds`` counts marks of ``"drafter"`` (the first phase of a round) or
+    ``"fused"`` (a static-tree round run as one function, :mod:`models.drafters.static_round`: one phase).
     With ``counter`` set, op counts per phase are read from it; on CUDA every mark synchronises the device so
     the time lands in the phase that launched the kernels.
     """
@@ -79,7 +80,7 @@ class PhaseProfiler:
         if self._open is not None:
             self.seconds[self._open] = self.seconds.get(self._open, 0.0) + now - self._t
             self.ops[self._open] = self.ops.get(self._open, 0) + n - self._n
-        if name == "drafter":
+        if name in ("drafter", "fused"):  # a round starts (``fused``: a static round as one call)
             self.rounds += 1
         self._open, self._t, self._n = name, now, n
 

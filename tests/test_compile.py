@@ -41,10 +41,11 @@ def _check_same_tokens_and_no_recompile(backend: str):
         for sampling in (GREEDY, SAMPLED):
             want = _decode(model, drafter, first, sampling, tree, 3)
             assert torch.equal(_decode(compiled, drafter, first, sampling, tree, 3), want), (tree, sampling)
-    # target: the AR step (token ids to next tokens, so one graph per sampling setting: greedy, sampled) and
-    # one forward per query count: dynamic tree (12 nodes), chain (7 nodes); drafter: one per query bucket:
-    # dynamic (top_k_draft 4 = depth + 1: catch-up and levels), chain (levels 1, catch-up 7)
-    assert (compiled.target_graphs, compiled.drafter_graphs) == (4, 3)
+    # target: the AR step (token ids to next tokens, so one graph per sampling setting: greedy, sampled), the
+    # dynamic tree's forward (12 nodes) and the chain's whole round (models/drafters/static_round.py, one graph
+    # per sampling setting); drafter: one per query bucket: dynamic (top_k_draft 4 = depth + 1: catch-up and
+    # levels), the chain's prefix catch-up (1 query; its rounds run inside the round's graph)
+    assert (compiled.target_graphs, compiled.drafter_graphs) == (5, 2)
     graphs = compiled.graphs
     for tree in (None, TREES["dynamic"], CHAIN):  # new images, new caches: no recompilation
         for sampling in (GREEDY, SAMPLED):

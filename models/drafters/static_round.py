@@ -1,0 +1,304 @@
+"""The static-tree speculative round as one function of fixed shapes (issue 8): compiled once, one graph a round.
+
+Why: on a small model the round of :meth:`SpeculativeDecoder.generate` is bound by the dispatch of ~1,300
+small operators (drafter levels, the tree builder, the verifier, the commit), and under ``--compile`` it stays
+a dozen graphs with eager bookkeeping between them. With a static tree every shape of a round is known before
+decoding starts — the template fixes the node count, the levels and the accepted-path length bound — so the
+whole round can be written as one function of tensors whose shapes never change:
+
+1. the tree: for every level, the drafter's Q at the level's nodes (``lm_head`` → CFG → the sampler's
+   processing), the children drawn by Gumbel-top-k from uniforms drawn before the call, and the next level fed
+   to the drafter (its slots and RoPE positions per row, its mask built from the row's committed length and
+   the template's ancestry, over the whole cache);
+2. one target forward over every prompt's tree, ``p`` per node;
+3. :func:`~models.drafters.acceptance.verify_trees`' all-nodes rule (the same code, against uniforms drawn
+   before the call, so the draws are the eager engine's);
+4. the commit of the accepted path in the target cache, the emitted tokens written after each prompt's last
+   one, and the drafter's catch-up on the accepted path (padded to depth + 1 queries), which gives the next
+   round's root feature — the catch-up ends the round instead of starting it, so the prefix catch-up (its
+   length is the prompt's) runs once, eagerly, before the first round.
+
+Every position is a tensor (per-row committed lengths: batches need no host value), every mask spans the whole
+cache, so one compiled graph serves every round of every image (``--compile`` with a static tree; the round's
+kernel launches are what the op counter reports). A finished prompt keeps its rows but stops advancing (its
+length and output count freeze; its outputs are ignored and it draws no random numbers), so the batch keeps
+its shape. The only host work per round is drawing the round's uniforms from each prompt's generator (the same
+draws, in the same order, as the eager engine's) and one read of the accepted lengths.
+
+The function runs eagerly too (:attr:`SpeculativeDecoder.fused_round` = True); the tests check that it
+gives the eager engine's tokens (greedy and seeded sampling, batch 1 and B) and that compiled equals eager.
+Not covered (the engine's general loop runs instead): dynamic trees, drafter-free proposers, token-prefix
+families (Chameleon's caches), position-dependent token masks, ``--tree auto``'s round observer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from models.drafters.acceptance import _verify_all_nodes, _verify_greedy_batch
+from models.drafters.tree import TreeBatch
+from models.generation import GenerationStats, additive_mask, prompt_generator
+from models.sampling import target_probs
+
+
+def _gumbel(u: torch.Tensor) -> torch.Tensor:
+    return -torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
+
+
+@dataclass
+class StaticPlan:
+    """The template's constants on one device: what a round indexes with (built once per decoder and device)."""
+
+    n: int  # nodes, root included
+    depth: int  # D
+    width: int  # C, the widest node
+    expanded: int  # nodes of depth < D (the ones whose Q is computed and children drawn)
+    levels: list  # per depth d: (lo, hi, parents (m,), kid_nodes, kid_src)
+    parents: torch.Tensor
+    depths: torch.Tensor
+    tree_mask: torch.Tensor  # (n, n) ancestry incl. self
+    children: torch.Tensor
+    child_rank: torch.Tensor
+    internal: torch.Tensor
+    node_idx: torch.Tensor  # arange(n)
+    path_idx: torch.Tensor  # arange(D + 1)
+
+
+def static_plan(dec, device) -> StaticPlan:
+    """:class:`StaticPlan` for the decoder's template (cached on the decoder per device)."""
+    key = ("fused", str(device))
+    plan = dec._static_plans.get(key)
+    if plan is not None:
+        return plan
+    base = dec._static_plan(device)
+    tmpl, offsets = base["tmpl"], base["offsets"]
+    levels = [(lv["lo"], lv["hi"], lv["parents"], lv["kid_nodes"], lv["kid_src"]) for lv in base["levels"]]
+    plan = StaticPlan(n=tmpl.num_nodes, depth=tmpl.max_depth, width=base["width"], expanded=offsets[tmpl.max_depth],
+                      levels=levels, parents=tmpl.parents, depths=tmpl.depths, tree_mask=tmpl.tree_mask,
+                      children=base["children"], child_rank=base["rank"], internal=base["internal"],
+                      node_idx=torch.arange(tmpl.num_nodes, device=device),
+                      path_idx=torch.arange(tmpl.max_depth + 1, device=device))
+    dec._static_plans[key] = plan
+    return plan
+
+
+def _tree_visibility(off: torch.Tensor, anc: torch.Tensor) -> torch.Tensor:
+    """Which cache slots a block of tree queries sees among the round's tree slots: ``off`` (R, L) is a slot's
+    offset from the row's committed length, ``anc`` (m, T) the queries' ancestry over tree slots 0..T−1.
+    -> (R, m, L) bool."""
+    span = anc.shape[1]
+    inside = (off >= 0) & (off < span)
+    seen = anc[:, off.clamp(0, span - 1)]  # (m, R, L)
+    return seen.permute(1, 0, 2) & inside[:, None, :]
+
+
+def static_round(dec, plan: StaticPlan, target, drafter, roots, h_root, lengths, n_out, active, keys, out_tokens,
+                 tcache, dcache, u_tree, u_sib, u_next):
+    """One round for every prompt of the batch, fixed shapes, no host sync (see the module docstring).
+
+    ``roots`` (B,) last committed tokens; ``h_root`` (R, H) the drafter's feature after each root; ``lengths``
+    (B,) committed target lengths (= root positions); ``n_out`` (B,) tokens emitted so far; ``active`` (B,) bool;
+    ``keys`` (R, L) prefix validity; ``out_tokens`` (B, ·) written in place; ``u_tree`` (B, expanded, V) the tree
+    builder's uniforms, ``u_sib`` (B, n, C) / ``u_next`` (B,) the verifier's (None for greedy).
+    -> (next roots, next h_root, next lengths, next n_out, accept_len, node_tvd, attempted, accepted).
+    """
+    rows, batch = h_root.shape[0], roots.shape[0]
+    streams = rows // batch
+    n, depth = plan.n, plan.depth
+    dev = h_root.device
+    length = keys.shape[1]
+    greedy = dec.sampling.greedy
+    slots = torch.arange(length, device=dev)
+    pos_rows = lengths.repeat(streams)
+    committed = keys & (slots < pos_rows[:, None])  # (R, L)
+    off = slots[None, :] - pos_rows[:, None]  # a slot's offset from the row's committed length
+    # 1. the tree, level by level
+    tokens = torch.zeros(batch, n, dtype=torch.long, device=dev)
+    tokens[:, 0] = roots
+    node_out = h_root.new_zeros(rows, n, h_root.shape[-1])
+    node_out[:, 0] = h_root
+    gumbel = None if greedy else _gumbel(u_tree)
+    q_levels = []
+    ddtype = dec.drafter_dtype
+    for d, (lo, hi, parents, kid_nodes, kid_src) in enumerate(plan.levels):
+        if d > 0:  # feed the level's nodes: slots length + node − 1 of each row, ancestry over the tree slots
+            m = hi - lo
+            vis = committed[:, None, :] | _tree_visibility(off, plan.tree_mask[lo:hi, 1:])
+            slot = pos_rows[:, None] + (plan.node_idx[lo:hi] - 1)
+            rope = (pos_rows - 1 + d)[:, None].expand(-1, m)
+            node_out[:, lo:hi] = drafter(node_out[:, parents].to(ddtype), tokens[:, lo:hi].repeat(streams, 1), rope,
+                                         dcache, slot, additive_mask(vis[:, None], ddtype)).to(node_out.dtype)
+        head = target.lm_head
+        q = dec._draft_q(dec._combine(head(node_out[:, lo:hi].to(head.weight.dtype))))  # (B, m, V)
+        q_levels.append(q)
+        if greedy:
+            draws = torch.topk(q, plan.width, dim=-1).indices
+        else:
+            draws = torch.topk(torch.log(q) + gumbel[:, lo:hi], plan.width, dim=-1).indices
+        tokens[:, kid_nodes] = draws.flatten(1)[:, kid_src]
+    vocab = q_levels[0].shape[-1]
+    q_all = torch.cat(q_levels + [q_levels[0].new_zeros(batch, n - plan.expanded, vocab)], 1)
+    # 2. one target forward over every prompt's tree
+    vis = committed[:, None, :] | _tree_visibility(off, plan.tree_mask)
+    emb = target.embed_tokens(tokens.repeat(streams, 1))
+    h_t = target.forward_hidden(emb, pos_rows[:, None] + plan.depths, tcache, pos_rows[:, None] + plan.node_idx,
+                                additive_mask(vis[:, None], emb.dtype))
+    probs = target_probs(dec._combine(target.lm_head(h_t)), dec.sampling)  # (B, n, V)
+    # 3. verify (the engine's all-nodes rule)
+    trees = TreeBatch(tokens=tokens, parents=plan.parents.expand(batch, n), depths=plan.depths.expand(batch, n),
+                      tree_mask=plan.tree_mask.expand(batch, n, n), children=plan.children.expand(batch, -1, -1),
+                      child_rank=plan.child_rank.expand(batch, n), num_nodes=[n] * batch, max_depth=depth,
+                      draft_probs=q_all, internal=plan.internal)
+    if greedy:
+        res = _verify_greedy_batch(trees, probs, dec.accept, dec.neighbours)
+    else:
+        res = _verify_all_nodes(trees, probs, dec.accept, dec.neighbours, u_sib, u_next, dec.measure_shift)
+    # 4. commit the accepted path, write the emitted tokens, catch the drafter up on them
+    accept = res.accept_len
+    steps = torch.minimum(plan.path_idx, accept[:, None])
+    tcache.commit_rows((lengths[:, None] + res.path).repeat(streams, 1),
+                       (lengths[:, None] + steps).repeat(streams, 1))
+    out_tokens[torch.arange(batch, device=dev)[:, None], n_out[:, None] + plan.path_idx] = res.emitted
+    pend_feat = h_t[torch.arange(rows, device=dev)[:, None], res.path.repeat(streams, 1)]
+    cpos = pos_rows[:, None] + plan.path_idx  # the drafter's committed length is the target's old one
+    cmask = keys[:, None, :] & (slots <= cpos[:, :, None])
+    h_d = drafter(pend_feat.to(ddtype), res.emitted.repeat(streams, 1), cpos, dcache, cpos,
+                  additive_mask(cmask[:, None], ddtype))
+    h_next = h_d[torch.arange(rows, device=dev), accept.repeat(streams)].to(h_root.dtype)
+    grow = torch.where(active, accept + 1, 0)
+    return (torch.where(active, res.next_token, roots), h_next, lengths + grow, n_out + grow, accept,
+            res.node_tvd, res.attempted_per_depth, res.accepted_per_depth)
+
+
+def draw_round_uniforms(plan: StaticPlan, active: list[int], batch: int, vocab: int, generators, device,
+                        bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """Fill the round's uniforms for the active prompts, drawing exactly what the eager engine draws, in its
+    order: the static tree builder's (expanded × V per prompt, one call per prompt), then the verifier's
+    (:func:`~models.drafters.acceptance.tree_uniforms`: n·C + 1 per prompt; one call for a shared generator)."""
+    u_tree, u_sib, u_next = bufs
+    for i, b in enumerate(active):
+        u_tree[b] = torch.rand(plan.expanded, vocab, generator=prompt_generator(generators, i), device=device)
+    k = plan.n * plan.width
+    if generators is None or isinstance(generators, torch.Generator):
+        flat = torch.rand(len(active), k + 1, generator=generators, device=device)
+    else:
+        flat = torch.stack([torch.rand(k + 1, generator=generators[i], device=device) for i in range(len(active))])
+    idx = torch.tensor(active, device=device)
+    u_sib[idx] = flat[:, :-1].view(len(active), plan.n, plan.width)
+    u_next[idx] = flat[:, -1]
+
+
+def fused_supported(dec, prefix) -> bool:
+    """Whether :func:`generate_fused` can run this decoder on this prefix (else the engine's general loop)."""
+    from models.drafters.kv_cache import KVCache
+
+    return (dec.template is not None and dec.drafter is not None and dec.proposer is None
+            and prefix.token_ids is None and not dec._needs_index and dec.round_observer is None
+            and isinstance(dec.target.new_cache(1, 1), KVCache))
+
+
+def _raw(module):
+    return getattr(module, "_target", module)
+
+
+@torch.inference_mode()
+def generate_fused(dec, prefix, generator=None) -> tuple[torch.Tensor, GenerationStats]:
+    """:meth:`SpeculativeDecoder.generate` for a static tree, every round one :func:`static_round` call (compiled
+    when the target is: :class:`~models.compiled.CompiledTarget`). Same outputs and statistics."""
+    from models.ea_model import _by_depth, _prompt_stats, _tvd_summary
+    from models.generation import check_generators, key_validity, prefill, sample_per_prompt
+    from models.token_masks import forced_positions
+
+    start = time.perf_counter()
+    target, n_tok = dec.target, dec.num_tokens
+    t, dev, streams, batch = prefix.length, prefix.embeddings.device, prefix.streams, prefix.batch_size
+    check_generators(generator, batch)
+    plan = static_plan(dec, dev)
+    rows = prefix.rows
+    length = t + n_tok + plan.n + plan.depth + 2  # tree slots and padded catch-up slots past the last token
+    tcache = target.new_cache(rows, length)
+    dcache = dec.drafter.new_cache(rows, length)
+    keys = key_validity(prefix, length)
+    dec._prefix_len = t
+    forced = forced_positions(dec.allowed_tokens, n_tok, dev)
+    hidden = prefill(target, prefix, tcache)
+    roots = sample_per_prompt(dec._combine(target.lm_head(hidden[:, -1]), 0), dec.sampling, generator)
+    out_tokens = torch.zeros(batch, n_tok + 2 * (plan.depth + 1), dtype=torch.long, device=dev)
+    out_tokens[:, 0] = roots
+    # the drafter's catch-up on the prefix (its length is the prompt's): once, eagerly
+    if prefix.token_ids is None:
+        ids = torch.cat([torch.zeros(batch, t - 1, dtype=torch.long, device=dev), roots[:, None]], 1).repeat(streams, 1)
+    pos = torch.arange(t, device=dev)
+    dmask = (keys[:, None, :t] & (pos[None, None, :] <= pos[None, :, None])) | (pos[None, None, :] == pos[None, :, None])
+    h_root = dec._run_drafter(hidden, ids, pos.expand(rows, -1), dcache, pos.expand(rows, -1), dmask[:, None])[:, -1]
+    h_root = h_root.to(hidden.dtype)
+    lengths = torch.full((batch,), t, dtype=torch.long, device=dev)
+    n_out = torch.ones(batch, dtype=torch.long, device=dev)
+    n_host = [1] * batch
+    active = list(range(batch)) if n_tok > 1 else []
+    vocab = target.lm_head.weight.shape[0]
+    greedy = dec.sampling.greedy
+    bufs = None if greedy else (torch.zeros(batch, plan.expanded, vocab, device=dev),
+                                torch.zeros(batch, plan.n, plan.width, device=dev), torch.zeros(batch, device=dev))
+    run = getattr(target, "static_round", None)
+    raw_target, raw_drafter = _raw(target), dec.drafter
+    forced_host = forced.tolist()
+    per = [{"accept_lengths": [], "attempted": [], "accepted": [], "image_counts": [], "node_tvd": []}
+           for _ in range(batch)]
+    rounds, forwards = [], 1
+    prof = dec.profiler
+    while active:
+        if prof is not None:
+            prof.mark("fused")  # the whole round is one phase: uniforms, the round's call, the host read
+        if bufs is not None:
+            gens = generator if generator is None or isinstance(generator, torch.Generator) else [
+                generator[b] for b in active]
+            for buf in bufs:
+                buf.zero_()
+            draw_round_uniforms(plan, active, batch, vocab, gens, dev, bufs)
+        mask_active = torch.zeros(batch, dtype=torch.bool, device=dev)
+        mask_active[active] = True
+        args = (roots, h_root, lengths, n_out, mask_active, keys, out_tokens, tcache, dcache,
+                *(bufs if bufs is not None else (None, None, None)))
+        if run is not None:
+            out = run(dec, plan, raw_drafter, *args)
+        else:
+            out = static_round(dec, plan, raw_target, raw_drafter, *args)
+        roots, h_root, lengths, n_out, accept, tvd, attempted, accepted = out
+        forwards += 1
+        accept_host = accept.tolist()  # the round's one host read
+        rounds.append((list(active), accept_host, tvd, attempted, accepted))
+        for b in active:
+            a = accept_host[b]
+            per[b]["image_counts"].append(a + 1 - sum(forced_host[n_host[b]: n_host[b] + a + 1]))
+            n_host[b] += a + 1
+        active = [b for b in active if n_host[b] < n_tok]
+    if prof is not None:
+        prof.mark(None)
+    tokens = out_tokens[:, :n_tok].clone()
+    for active_r, accept_r, tvd, attempted, accepted in rounds:
+        for b in active_r:
+            a, st = accept_r[b], per[b]
+            st["accept_lengths"].append(a)
+            st["node_tvd"].append(tvd[b, : a + 1] if dec.measure_shift else None)
+            st["attempted"].append(attempted[b])
+            st["accepted"].append(accepted[b])
+    if tokens.is_cuda:
+        torch.cuda.synchronize(tokens.device)
+    latency = time.perf_counter() - start
+    per_prompt = [{**_prompt_stats(st), **_tvd_summary(st["node_tvd"], n_tok - 1)} for st in per]
+    extra = {
+        "step_compression": sum(p["step_compression"] for p in per_prompt) / batch,
+        "acceptance_by_depth": _by_depth([a for st in per for a in st["accepted"]],
+                                         [a for st in per for a in st["attempted"]]),
+        "accept_lengths": [a for p in per_prompt for a in p["accept_lengths"]],
+        "per_prompt": per_prompt,
+        "step_compression_image": sum(p["step_compression_image"] for p in per_prompt) / batch,
+    }
+    if per_prompt and "node_tvd_mean" in per_prompt[0]:
+        extra["node_tvd_mean"] = sum(p["node_tvd_mean"] for p in per_prompt) / len(per_prompt)
+        extra["node_tvd_max"] = max(p["node_tvd_max"] for p in per_prompt)
+    return tokens, GenerationStats(latency, n_tok * batch, forwards, extra)
