@@ -141,6 +141,7 @@ class SpeculativeDecoder:
         # --compile_drafter: a compiled target made with drafter=True compiles the drafter's forward too
         make = getattr(target, "compiled_drafter", None) if drafter is not None else None
         self._compiled_drafter = make(drafter) if make is not None else None
+        self._round_plans: dict = {}  # the fused round's sizes per device and tree (static_round.round_plan)
         if self.tree_cfg.static_choices is not None:
             self.set_static_tree(self.tree_cfg.static_choices)
         else:
@@ -195,10 +196,29 @@ class SpeculativeDecoder:
         return self.drafter(feats.to(self.drafter_dtype), ids, rope_pos, cache, cache_pos, mask)
 
     # ------------------------------------------------------------------------------------------ trees
-    # Both builders grow the trees of every prompt of the batch at once. Drafter entries of tree nodes go to
-    # slots shared by the batch (from ``slot0`` = the longest committed length on); each row attends to its own
-    # committed slots (``prefix_keys``, (rows, slot0)) and its own tree ancestors, at its own RoPE positions.
-    def _dynamic_tree(self, roots, h_root, pos_rows, slot0, dcache, prefix_keys, generators) -> TreeBatch:
+    # Both builders grow the trees of every prompt of the batch at once and feed each level to the drafter
+    # through ``feed(feats (rows, m, H), ids (rows, m), d, slot_lo, anc)``: the level's m nodes take the tree's
+    # drafter slots slot_lo .. slot_lo + m − 1 (counted from where the round's tree starts), at depth d, and
+    # see their ancestors ``anc`` ((B or 1, m, T) bool over the tree slots 0 .. T − 1) besides the committed
+    # prefix. The engine's loop feeds at slots shared by the batch (:meth:`_shared_slot_feed`); the fused
+    # static round (models/drafters/static_round.py) at per-row slots with whole-cache masks.
+    def _shared_slot_feed(self, pos_rows, slot0, dcache, prefix_keys):
+        """``feed`` for the engine's loop: tree slots from ``slot0`` (the longest committed length) on, each row
+        seeing its own committed slots (``prefix_keys``, (rows, slot0)) and its ancestors."""
+        rows = pos_rows.shape[0]
+        prefix_block = prefix_keys[:, None, None, :]
+
+        def feed(feats, ids, d, slot_lo, anc):
+            m = ids.shape[1]
+            anc = anc.repeat(rows // anc.shape[0], 1, 1) if anc.shape[0] > 1 else anc.expand(rows, -1, -1)
+            mask = torch.cat([prefix_block.expand(-1, 1, m, -1), anc[:, None]], dim=-1)
+            rope = (pos_rows - 1 + d)[:, None].expand(-1, m)
+            slots = torch.arange(slot0 + slot_lo, slot0 + slot_lo + m, device=ids.device)
+            return self._run_drafter(feats, ids, rope, dcache, slots, mask)
+
+        return feed
+
+    def _dynamic_tree(self, roots, h_root, pos_rows, feed) -> TreeBatch:
         """EAGLE-2: expand the best ``top_k_draft`` nodes per level; keep the best ``total_token − 1`` overall."""
         cfg, dev = self.tree_cfg, h_root.device
         k, batch, rows = cfg.top_k_draft, roots.shape[0], h_root.shape[0]
@@ -224,11 +244,7 @@ class SpeculativeDecoder:
             if fed:
                 new_rows[:, :, :fed] = anc[b_idx, front_anc_parent, :fed]
             new_rows[:, :, fed:] = eye
-            mask = torch.cat([prefix_keys[:, None, None, :].expand(-1, 1, k, -1),
-                              new_rows.repeat(streams, 1, 1)[:, None]], dim=-1)
-            slots = torch.arange(slot0 + fed, slot0 + fed + k, device=dev)
-            rope = (pos_rows - 1 + d)[:, None].expand(-1, k)
-            out = self._run_drafter(front_feat, front_tok.repeat(streams, 1), rope, dcache, slots, mask)  # (rows, k, H)
+            out = feed(front_feat, front_tok.repeat(streams, 1), d, fed, new_rows)  # (rows, k, H)
             logp = torch.log_softmax(self._draft_logits(out, base[:, None] + d if self._needs_index else None),
                                      dim=-1)  # (B, k, V)
             child = torch.topk(logp, k, dim=-1)  # (B, k, k)
@@ -272,9 +288,19 @@ class SpeculativeDecoder:
         self._static_plans[str(dev)] = plan
         return plan
 
-    def _static_tree(self, roots, h_root, pos_rows, slot0, dcache, prefix_keys, generators) -> TreeBatch:
-        """Static choice list; node i's children are drawn without replacement from Q at node i (per prompt)."""
-        dev, rows, batch = h_root.device, h_root.shape[0], roots.shape[0]
+    def tree_uniforms(self, batch: int, generators, device) -> torch.Tensor:
+        """The static builder's uniforms of one round, (B, nodes above the deepest level, V): each prompt draws
+        its block in one call from its own stream (the Gumbel noise of every level)."""
+        plan = self._static_plan(device)
+        expanded, vocab = plan["offsets"][plan["tmpl"].max_depth], self.target.lm_head.weight.shape[0]
+        return torch.stack([torch.rand(expanded, vocab, generator=prompt_generator(generators, b), device=device)
+                            for b in range(batch)])
+
+    def _static_tree(self, roots, h_root, pos_rows, feed, generators=None, uniforms=None) -> TreeBatch:
+        """Static choice list; node i's children are drawn without replacement from Q at node i (per prompt), by
+        Gumbel-top-k on ``uniforms`` (:meth:`tree_uniforms`; drawn here from ``generators`` when None)."""
+        dev, batch = h_root.device, roots.shape[0]
+        rows = h_root.shape[0]
         plan = self._static_plan(dev)
         tmpl, offsets, width = plan["tmpl"], plan["offsets"], plan["width"]
         n = tmpl.num_nodes
@@ -286,21 +312,13 @@ class SpeculativeDecoder:
         node_out = torch.zeros(rows, n, h_root.shape[-1], device=dev, dtype=h_root.dtype)
         node_out[:, 0] = h_root[:, -1]
         base = pos_rows[:batch] - self._prefix_len + 1  # (B,) image-token index of each root's children
-        if not self.sampling.greedy:  # each prompt draws this round's uniforms from its own stream, in one call
-            u = torch.stack([torch.rand(offsets[tmpl.max_depth], vocab, generator=prompt_generator(generators, b),
-                                        device=dev) for b in range(batch)])
-            gumbel = _gumbel(u)  # every level's noise at once
-        prefix_block = prefix_keys[:, None, None, :]
-        rope_base = (pos_rows - 1)[:, None]
+        if not self.sampling.greedy:  # every level's noise at once
+            gumbel = _gumbel(self.tree_uniforms(batch, generators, dev) if uniforms is None else uniforms)
         for d, lv in enumerate(plan["levels"]):
             lo, hi = lv["lo"], lv["hi"]
             if d > 0:  # feed this level's nodes to get their features and Q
-                mask = torch.cat([prefix_block.expand(-1, 1, hi - lo, -1), lv["sub"][None, None].expand(rows, 1, -1, -1)],
-                                 dim=-1)
-                rope = (rope_base + d).expand(-1, hi - lo)
-                out = self._run_drafter(node_out[:, lv["parents"]], tokens[:, lo:hi].repeat(streams, 1), rope,
-                                        dcache, slot0 + lv["slot"], mask)
-                node_out[:, lo:hi] = out
+                node_out[:, lo:hi] = feed(node_out[:, lv["parents"]], tokens[:, lo:hi].repeat(streams, 1), d, lo - 1,
+                                          lv["sub"][None]).to(node_out.dtype)
             index = base[:, None] + d if self._needs_index else None
             q_level = self._draft_q(self._draft_logits(node_out[:, lo:hi], index))
             q_levels.append(q_level)
@@ -310,7 +328,7 @@ class SpeculativeDecoder:
                 draws = torch.topk(torch.log(q_level) + gumbel[:, lo:hi], width, dim=-1).indices  # (B, level, C)
             tokens[:, lv["kid_nodes"]] = draws.flatten(1)[:, lv["kid_src"]]
         leaves = n - offsets[tmpl.max_depth]  # the deepest level is never expanded: no Q there
-        q = torch.cat(q_levels + [torch.zeros(batch, leaves, vocab, device=dev)], 1)
+        q = torch.cat(q_levels + [q_levels[0].new_zeros(batch, leaves, vocab)], 1)
         return TreeBatch(tokens=tokens, parents=tmpl.parents.expand(batch, n), depths=tmpl.depths.expand(batch, n),
                          tree_mask=tmpl.tree_mask.expand(batch, n, n), children=plan["children"].expand(batch, -1, -1),
                          child_rank=plan["rank"].expand(batch, n), num_nodes=[n] * batch, max_depth=tmpl.max_depth,
@@ -334,7 +352,7 @@ class SpeculativeDecoder:
         """
         if prefix.cfg_scale != self.cfg_scale:
             raise ValueError("prefix and decoder disagree on the CFG scale")
-        if self.template is not None and self.fused_round is not False:
+        if self.fused_round is not False:
             from models.drafters.static_round import fused_supported, generate_fused
 
             if (self.fused_round or hasattr(self.target, "static_round")) and fused_supported(self, prefix):
@@ -380,7 +398,6 @@ class SpeculativeDecoder:
         rounds = []  # per round: (active prompts, accepted lengths, batched verify result), read after the loop
         forwards = 1
         greedy = self.sampling.greedy
-        build = self._static_tree if self.template is not None else self._dynamic_tree
         prof = self.profiler
         while active:
             if prof is not None:
@@ -410,7 +427,11 @@ class SpeculativeDecoder:
                 if prof is not None:
                     prof.mark("tree")
                 # 2. trees, written from the longest committed length on (shared slots)
-                trees = build(last_tokens, h_root, pos_rows, slot0, dcache, prefix_keys, gens)
+                feed = self._shared_slot_feed(pos_rows, slot0, dcache, prefix_keys)
+                if self.template is not None:
+                    trees = self._static_tree(last_tokens, h_root, pos_rows, feed, gens)
+                else:
+                    trees = self._dynamic_tree(last_tokens, h_root, pos_rows, feed)
             # 3. one target forward over every prompt's tree (trees padded to the largest node count)
             if prof is not None:
                 prof.mark("target")

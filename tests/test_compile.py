@@ -41,11 +41,11 @@ def _check_same_tokens_and_no_recompile(backend: str):
         for sampling in (GREEDY, SAMPLED):
             want = _decode(model, drafter, first, sampling, tree, 3)
             assert torch.equal(_decode(compiled, drafter, first, sampling, tree, 3), want), (tree, sampling)
-    # target: the AR step (token ids to next tokens, so one graph per sampling setting: greedy, sampled), the
-    # dynamic tree's forward (12 nodes) and the chain's whole round (models/drafters/static_round.py, one graph
-    # per sampling setting); drafter: one per query bucket: dynamic (top_k_draft 4 = depth + 1: catch-up and
-    # levels), the chain's prefix catch-up (1 query; its rounds run inside the round's graph)
-    assert (compiled.target_graphs, compiled.drafter_graphs) == (5, 2)
+    # target: the AR step (token ids to next tokens, so one graph per sampling setting: greedy, sampled) and
+    # the whole round of the dynamic tree and of the chain (models/drafters/static_round.py: one graph per tree
+    # and sampling setting); drafter: the prefix catch-up before the first round, one per tree (its other
+    # calls run inside the round's graph)
+    assert (compiled.target_graphs, compiled.drafter_graphs) == (6, 2)
     graphs = compiled.graphs
     for tree in (None, TREES["dynamic"], CHAIN):  # new images, new caches: no recompilation
         for sampling in (GREEDY, SAMPLED):

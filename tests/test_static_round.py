@@ -20,6 +20,8 @@ GREEDY = SamplingConfig(temperature=0)
 SAMPLED = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0)
 CHAIN = TreeConfig(static_choices=tuple(tuple(c) for c in get_tree_choices("chain_6")))
 TREE = TreeConfig(static_choices=MC_SIM)
+DYNAMIC = TreeConfig(top_k_draft=4, depth=3, total_token=12)
+TREE_CFGS = {"chain": CHAIN, "tree": TREE, "dynamic": DYNAMIC}
 RULES = {"exact": AcceptConfig(), "lantern++": AcceptConfig(relax="lantern++", k=4, lam=5.0),
          "lantern": AcceptConfig(relax="lantern", k=4, delta=0.2, budget="node")}
 
@@ -64,13 +66,13 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])  # t2i: padded caption prefixes (masked prefix slots)
-@pytest.mark.parametrize("tree", ["chain", "tree"])
+@pytest.mark.parametrize("tree", list(TREE_CFGS))
 def test_fused_round_gives_the_engines_tokens_and_statistics(kind, tree):
     """Same tokens, accepted lengths and TVD as the engine's general loop, for every rule, greedy and seeded
     sampling, batch 1 and 3 (prompts finish in different rounds: the finished ones freeze)."""
     model, io = _fixture_gpt(kind)
     drafter = _random_drafter(model, 1)
-    cfg = TREE if tree == "tree" else CHAIN
+    cfg = TREE_CFGS[tree]
     for rule in RULES:
         for sampling in (SAMPLED, GREEDY):
             dec = _decoder(model, drafter, cfg, sampling, rule)
@@ -97,12 +99,11 @@ def test_fused_round_batch_equals_batch_one_per_prompt():
 
 
 def test_fused_round_is_off_where_it_does_not_apply():
-    """Dynamic trees, ``--tree auto``'s observer and eager decoding by default use the general loop."""
+    """``--tree auto``'s observer and eager decoding by default use the general loop."""
     model, io = _fixture_gpt("c2i")
     drafter = _random_drafter(model, 0)
     prefix = _batch_prefix(model, io, "c2i", [0], 4.0)
-    dyn = _decoder(model, drafter, TreeConfig(top_k_draft=4, depth=3, total_token=12), SAMPLED, "exact")
-    assert not fused_supported(dyn, prefix)
+    assert fused_supported(_decoder(model, drafter, DYNAMIC, SAMPLED, "exact"), prefix)
     static = _decoder(model, drafter, CHAIN, SAMPLED, "exact")
     assert fused_supported(static, prefix)
     static.round_observer = lambda trees, results: None

@@ -39,120 +39,92 @@ from dataclasses import dataclass
 import torch
 
 from models.drafters.acceptance import _verify_all_nodes, _verify_greedy_batch
-from models.drafters.tree import TreeBatch
-from models.generation import GenerationStats, additive_mask, prompt_generator
+from models.generation import GenerationStats, additive_mask
 from models.sampling import target_probs
 
 
-def _gumbel(u: torch.Tensor) -> torch.Tensor:
-    return -torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
-
-
 @dataclass
-class StaticPlan:
-    """The template's constants on one device: what a round indexes with (built once per decoder and device)."""
+class RoundPlan:
+    """A tree setting's fixed sizes and index constants on one device (built once per decoder and device)."""
 
-    n: int  # nodes, root included
-    depth: int  # D
-    width: int  # C, the widest node
-    expanded: int  # nodes of depth < D (the ones whose Q is computed and children drawn)
-    levels: list  # per depth d: (lo, hi, parents (m,), kid_nodes, kid_src)
-    parents: torch.Tensor
-    depths: torch.Tensor
-    tree_mask: torch.Tensor  # (n, n) ancestry incl. self
-    children: torch.Tensor
-    child_rank: torch.Tensor
-    internal: torch.Tensor
+    n: int  # tree nodes, root included
+    depth: int  # D, the deepest node (accepted paths are at most D drafts)
+    width: int  # C, the children-table width (the verifier's uniforms per node)
+    static: bool
+    expanded: int  # static: the nodes above the deepest level (whose children are drawn: uniforms per round)
     node_idx: torch.Tensor  # arange(n)
     path_idx: torch.Tensor  # arange(D + 1)
 
 
-def static_plan(dec, device) -> StaticPlan:
-    """:class:`StaticPlan` for the decoder's template (cached on the decoder per device)."""
-    key = ("fused", str(device))
-    plan = dec._static_plans.get(key)
-    if plan is not None:
-        return plan
-    base = dec._static_plan(device)
-    tmpl, offsets = base["tmpl"], base["offsets"]
-    levels = [(lv["lo"], lv["hi"], lv["parents"], lv["kid_nodes"], lv["kid_src"]) for lv in base["levels"]]
-    plan = StaticPlan(n=tmpl.num_nodes, depth=tmpl.max_depth, width=base["width"], expanded=offsets[tmpl.max_depth],
-                      levels=levels, parents=tmpl.parents, depths=tmpl.depths, tree_mask=tmpl.tree_mask,
-                      children=base["children"], child_rank=base["rank"], internal=base["internal"],
-                      node_idx=torch.arange(tmpl.num_nodes, device=device),
-                      path_idx=torch.arange(tmpl.max_depth + 1, device=device))
-    dec._static_plans[key] = plan
+def round_plan(dec, device) -> RoundPlan:
+    """:class:`RoundPlan` of the decoder's tree (cached on the decoder per device and tree)."""
+    key = ("fused", str(device), dec.tree_cfg)
+    plan = dec._round_plans.get(key)
+    if plan is None:
+        cfg = dec.tree_cfg
+        if dec.template is not None:
+            n, depth, width = dec.template.num_nodes, dec.template.max_depth, int(dec.template.children.shape[1])
+        else:
+            n, depth, width = cfg.total_token, cfg.depth, cfg.top_k_draft
+        expanded = dec._static_plan(device)["offsets"][depth] if dec.template is not None else 0
+        plan = RoundPlan(n=n, depth=depth, width=width, static=dec.template is not None, expanded=expanded,
+                         node_idx=torch.arange(n, device=device), path_idx=torch.arange(depth + 1, device=device))
+        dec._round_plans[key] = plan
     return plan
 
 
 def _tree_visibility(off: torch.Tensor, anc: torch.Tensor) -> torch.Tensor:
     """Which cache slots a block of tree queries sees among the round's tree slots: ``off`` (R, L) is a slot's
-    offset from the row's committed length, ``anc`` (m, T) the queries' ancestry over tree slots 0..T−1.
-    -> (R, m, L) bool."""
-    span = anc.shape[1]
+    offset from the row's committed length (tree slot j sits at offset j), ``anc`` (B or 1, m, T) the queries'
+    ancestry over tree slots 0..T−1 (rows of a prompt's streams share it). -> (R, m, L) bool."""
+    rows, m, span = off.shape[0], anc.shape[1], anc.shape[2]
+    anc = anc.repeat(rows // anc.shape[0], 1, 1) if anc.shape[0] > 1 else anc.expand(rows, -1, -1)
     inside = (off >= 0) & (off < span)
-    seen = anc[:, off.clamp(0, span - 1)]  # (m, R, L)
-    return seen.permute(1, 0, 2) & inside[:, None, :]
+    seen = anc.gather(2, off.clamp(0, span - 1)[:, None, :].expand(-1, m, -1))
+    return seen & inside[:, None, :]
 
 
-def static_round(dec, plan: StaticPlan, target, drafter, roots, h_root, lengths, n_out, active, keys, out_tokens,
+def static_round(dec, plan: RoundPlan, target, drafter, roots, h_root, lengths, n_out, active, keys, out_tokens,
                  tcache, dcache, u_tree, u_sib, u_next):
     """One round for every prompt of the batch, fixed shapes, no host sync (see the module docstring).
 
     ``roots`` (B,) last committed tokens; ``h_root`` (R, H) the drafter's feature after each root; ``lengths``
     (B,) committed target lengths (= root positions); ``n_out`` (B,) tokens emitted so far; ``active`` (B,) bool;
-    ``keys`` (R, L) prefix validity; ``out_tokens`` (B, ·) written in place; ``u_tree`` (B, expanded, V) the tree
-    builder's uniforms, ``u_sib`` (B, n, C) / ``u_next`` (B,) the verifier's (None for greedy).
-    -> (next roots, next h_root, next lengths, next n_out, accept_len, node_tvd, attempted, accepted).
+    ``keys`` (R, L) prefix validity; ``out_tokens`` (B, ·) written in place; ``u_tree`` (B, ·, V) the static
+    builder's uniforms, ``u_sib`` (B, n, C) / ``u_next`` (B,) the verifier's (None for greedy; ``u_tree`` also
+    for a dynamic tree). -> (next roots, next h_root, next lengths, next n_out, accept_len, node_tvd, attempted,
+    accepted).
     """
     rows, batch = h_root.shape[0], roots.shape[0]
     streams = rows // batch
-    n, depth = plan.n, plan.depth
     dev = h_root.device
     length = keys.shape[1]
-    greedy = dec.sampling.greedy
+    ddtype = dec.drafter_dtype
     slots = torch.arange(length, device=dev)
     pos_rows = lengths.repeat(streams)
     committed = keys & (slots < pos_rows[:, None])  # (R, L)
     off = slots[None, :] - pos_rows[:, None]  # a slot's offset from the row's committed length
-    # 1. the tree, level by level
-    tokens = torch.zeros(batch, n, dtype=torch.long, device=dev)
-    tokens[:, 0] = roots
-    node_out = h_root.new_zeros(rows, n, h_root.shape[-1])
-    node_out[:, 0] = h_root
-    gumbel = None if greedy else _gumbel(u_tree)
-    q_levels = []
-    ddtype = dec.drafter_dtype
-    for d, (lo, hi, parents, kid_nodes, kid_src) in enumerate(plan.levels):
-        if d > 0:  # feed the level's nodes: slots length + node − 1 of each row, ancestry over the tree slots
-            m = hi - lo
-            vis = committed[:, None, :] | _tree_visibility(off, plan.tree_mask[lo:hi, 1:])
-            slot = pos_rows[:, None] + (plan.node_idx[lo:hi] - 1)
-            rope = (pos_rows - 1 + d)[:, None].expand(-1, m)
-            node_out[:, lo:hi] = drafter(node_out[:, parents].to(ddtype), tokens[:, lo:hi].repeat(streams, 1), rope,
-                                         dcache, slot, additive_mask(vis[:, None], ddtype)).to(node_out.dtype)
-        head = target.lm_head
-        q = dec._draft_q(dec._combine(head(node_out[:, lo:hi].to(head.weight.dtype))))  # (B, m, V)
-        q_levels.append(q)
-        if greedy:
-            draws = torch.topk(q, plan.width, dim=-1).indices
-        else:
-            draws = torch.topk(torch.log(q) + gumbel[:, lo:hi], plan.width, dim=-1).indices
-        tokens[:, kid_nodes] = draws.flatten(1)[:, kid_src]
-    vocab = q_levels[0].shape[-1]
-    q_all = torch.cat(q_levels + [q_levels[0].new_zeros(batch, n - plan.expanded, vocab)], 1)
+
+    def feed(feats, ids, d, slot_lo, anc):  # a tree level at per-row slots, masks over the whole cache
+        vis = committed[:, None, :] | _tree_visibility(off, anc)
+        slot = pos_rows[:, None] + slot_lo + torch.arange(ids.shape[1], device=dev)
+        rope = (pos_rows - 1 + d)[:, None].expand(-1, ids.shape[1])
+        return drafter(feats.to(ddtype), ids, rope, dcache, slot, additive_mask(vis[:, None], ddtype))
+
+    # 1. the tree: the engine's builders, fed at per-row slots
+    if plan.static:
+        trees = dec._static_tree(roots, h_root[:, None], pos_rows, feed, uniforms=u_tree)
+    else:
+        trees = dec._dynamic_tree(roots, h_root[:, None], pos_rows, feed)
+    tokens = trees.tokens
     # 2. one target forward over every prompt's tree
-    vis = committed[:, None, :] | _tree_visibility(off, plan.tree_mask)
+    vis = committed[:, None, :] | _tree_visibility(off, trees.tree_mask)
     emb = target.embed_tokens(tokens.repeat(streams, 1))
-    h_t = target.forward_hidden(emb, pos_rows[:, None] + plan.depths, tcache, pos_rows[:, None] + plan.node_idx,
-                                additive_mask(vis[:, None], emb.dtype))
+    h_t = target.forward_hidden(emb, pos_rows[:, None] + trees.depths.repeat(streams, 1), tcache,
+                                pos_rows[:, None] + plan.node_idx, additive_mask(vis[:, None], emb.dtype))
     probs = target_probs(dec._combine(target.lm_head(h_t)), dec.sampling)  # (B, n, V)
     # 3. verify (the engine's all-nodes rule)
-    trees = TreeBatch(tokens=tokens, parents=plan.parents.expand(batch, n), depths=plan.depths.expand(batch, n),
-                      tree_mask=plan.tree_mask.expand(batch, n, n), children=plan.children.expand(batch, -1, -1),
-                      child_rank=plan.child_rank.expand(batch, n), num_nodes=[n] * batch, max_depth=depth,
-                      draft_probs=q_all, internal=plan.internal)
-    if greedy:
+    if dec.sampling.greedy:
         res = _verify_greedy_batch(trees, probs, dec.accept, dec.neighbours)
     else:
         res = _verify_all_nodes(trees, probs, dec.accept, dec.neighbours, u_sib, u_next, dec.measure_shift)
@@ -169,24 +141,28 @@ def static_round(dec, plan: StaticPlan, target, drafter, roots, h_root, lengths,
                   additive_mask(cmask[:, None], ddtype))
     h_next = h_d[torch.arange(rows, device=dev), accept.repeat(streams)].to(h_root.dtype)
     grow = torch.where(active, accept + 1, 0)
-    return (torch.where(active, res.next_token, roots), h_next, lengths + grow, n_out + grow, accept,
-            res.node_tvd, res.attempted_per_depth, res.accepted_per_depth)
+    # the deepest node of the active prompts' trees (a dynamic tree may stop short of D): the sampled
+    # verifier's statistics by depth stop there, as verify_trees reports them (greedy: all D depths)
+    deepest = torch.where(active[:, None], trees.depths, 0).max() if not dec.sampling.greedy else (
+        torch.full((), plan.depth, device=dev))
+    return (torch.where(active, res.next_token, roots), h_next, lengths + grow, n_out + grow,
+            torch.cat([accept, deepest[None]]), res.node_tvd, res.attempted_per_depth, res.accepted_per_depth)
 
 
-def draw_round_uniforms(plan: StaticPlan, active: list[int], batch: int, vocab: int, generators, device,
-                        bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+def draw_round_uniforms(dec, plan: RoundPlan, active: list[int], generators, device,
+                        bufs: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]) -> None:
     """Fill the round's uniforms for the active prompts, drawing exactly what the eager engine draws, in its
-    order: the static tree builder's (expanded × V per prompt, one call per prompt), then the verifier's
+    order: a static builder's (:meth:`SpeculativeDecoder.tree_uniforms`), then the verifier's
     (:func:`~models.drafters.acceptance.tree_uniforms`: n·C + 1 per prompt; one call for a shared generator)."""
     u_tree, u_sib, u_next = bufs
-    for i, b in enumerate(active):
-        u_tree[b] = torch.rand(plan.expanded, vocab, generator=prompt_generator(generators, i), device=device)
+    idx = torch.tensor(active, device=device)
+    if u_tree is not None:
+        u_tree[idx] = dec.tree_uniforms(len(active), generators, device)
     k = plan.n * plan.width
     if generators is None or isinstance(generators, torch.Generator):
         flat = torch.rand(len(active), k + 1, generator=generators, device=device)
     else:
         flat = torch.stack([torch.rand(k + 1, generator=generators[i], device=device) for i in range(len(active))])
-    idx = torch.tensor(active, device=device)
     u_sib[idx] = flat[:, :-1].view(len(active), plan.n, plan.width)
     u_next[idx] = flat[:, -1]
 
@@ -195,7 +171,7 @@ def fused_supported(dec, prefix) -> bool:
     """Whether :func:`generate_fused` can run this decoder on this prefix (else the engine's general loop)."""
     from models.drafters.kv_cache import KVCache
 
-    return (dec.template is not None and dec.drafter is not None and dec.proposer is None
+    return (dec.drafter is not None and dec.proposer is None
             and prefix.token_ids is None and not dec._needs_index and dec.round_observer is None
             and isinstance(dec.target.new_cache(1, 1), KVCache))
 
@@ -216,9 +192,11 @@ def generate_fused(dec, prefix, generator=None) -> tuple[torch.Tensor, Generatio
     target, n_tok = dec.target, dec.num_tokens
     t, dev, streams, batch = prefix.length, prefix.embeddings.device, prefix.streams, prefix.batch_size
     check_generators(generator, batch)
-    plan = static_plan(dec, dev)
+    plan = round_plan(dec, dev)
     rows = prefix.rows
-    length = t + n_tok + plan.n + plan.depth + 2  # tree slots and padded catch-up slots past the last token
+    # past the last token: the tree's slots (target: n; drafter: a dynamic tree feeds k per level) and the
+    # padded catch-up's
+    length = t + n_tok + max(plan.n, dec.tree_cfg.drafter_slots) + plan.depth + 2
     tcache = target.new_cache(rows, length)
     dcache = dec.drafter.new_cache(rows, length)
     keys = key_validity(prefix, length)
@@ -234,15 +212,17 @@ def generate_fused(dec, prefix, generator=None) -> tuple[torch.Tensor, Generatio
     pos = torch.arange(t, device=dev)
     dmask = (keys[:, None, :t] & (pos[None, None, :] <= pos[None, :, None])) | (pos[None, None, :] == pos[None, :, None])
     h_root = dec._run_drafter(hidden, ids, pos.expand(rows, -1), dcache, pos.expand(rows, -1), dmask[:, None])[:, -1]
-    h_root = h_root.to(hidden.dtype)
+    h_root = h_root.to(hidden.dtype).contiguous()  # the layout of the round's own output (one graph)
     lengths = torch.full((batch,), t, dtype=torch.long, device=dev)
     n_out = torch.ones(batch, dtype=torch.long, device=dev)
     n_host = [1] * batch
     active = list(range(batch)) if n_tok > 1 else []
-    vocab = target.lm_head.weight.shape[0]
     greedy = dec.sampling.greedy
-    bufs = None if greedy else (torch.zeros(batch, plan.expanded, vocab, device=dev),
-                                torch.zeros(batch, plan.n, plan.width, device=dev), torch.zeros(batch, device=dev))
+    bufs = None
+    if not greedy:
+        vocab = target.lm_head.weight.shape[0]
+        u_tree = torch.zeros(batch, plan.expanded, vocab, device=dev) if plan.static else None
+        bufs = (u_tree, torch.zeros(batch, plan.n, plan.width, device=dev), torch.zeros(batch, device=dev))
     run = getattr(target, "static_round", None)
     raw_target, raw_drafter = _raw(target), dec.drafter
     forced_host = forced.tolist()
@@ -256,9 +236,7 @@ def generate_fused(dec, prefix, generator=None) -> tuple[torch.Tensor, Generatio
         if bufs is not None:
             gens = generator if generator is None or isinstance(generator, torch.Generator) else [
                 generator[b] for b in active]
-            for buf in bufs:
-                buf.zero_()
-            draw_round_uniforms(plan, active, batch, vocab, gens, dev, bufs)
+            draw_round_uniforms(dec, plan, active, gens, dev, bufs)
         mask_active = torch.zeros(batch, dtype=torch.bool, device=dev)
         mask_active[active] = True
         args = (roots, h_root, lengths, n_out, mask_active, keys, out_tokens, tcache, dcache,
@@ -270,7 +248,8 @@ def generate_fused(dec, prefix, generator=None) -> tuple[torch.Tensor, Generatio
         roots, h_root, lengths, n_out, accept, tvd, attempted, accepted = out
         forwards += 1
         accept_host = accept.tolist()  # the round's one host read
-        rounds.append((list(active), accept_host, tvd, attempted, accepted))
+        deepest = accept_host.pop()
+        rounds.append((list(active), accept_host, tvd, attempted[:, :deepest], accepted[:, :deepest]))
         for b in active:
             a = accept_host[b]
             per[b]["image_counts"].append(a + 1 - sum(forced_host[n_host[b]: n_host[b] + a + 1]))
