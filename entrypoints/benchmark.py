@@ -363,6 +363,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             r["speedup_vs_ar_same_compile"] = base["latency_s"] / r["latency_s"]
             if "round_s" in r.get("profile", {}) and "step_s" in base.get("profile", {}):
                 r["profile"]["round_over_ar_step_same_compile"] = r["profile"]["round_s"] / base["profile"]["step_s"]
+                r["profile"]["ops_round_over_ar_step_same_compile"] = (r["profile"]["ops_per_round"]
+                                                                       / base["profile"]["ops_per_step"])
     for r in results:  # against plain AR at the same batch size: ratio of the median latencies (the spread shown
         # beside it is that of the batch-by-batch ratios, each setting against the AR run next to it)
         base = next((b["latency_s"] for b in results if b["setting"] == "ar" and b["batch_size"] == r["batch_size"]),
@@ -415,7 +417,7 @@ def _profile_markdown(results: list[dict]) -> str:
     from models.profiling import ROUND_PHASES
 
     head = ("| setting | aten ops / round (AR: / step; compiled: launches) | round time (ms) | round ÷ AR step (time, same compile) | "
-            "round ÷ AR step (ops) | " + " | ".join(f"{p} %" for p in ROUND_PHASES) + " |")
+            "round ÷ AR step (ops, same compile) | " + " | ".join(f"{p} %" for p in ROUND_PHASES) + " |")
     lines = [head, "|" + "---|" * (5 + len(ROUND_PHASES))]
     for r in results:
         p = r.get("profile")
@@ -427,7 +429,8 @@ def _profile_markdown(results: list[dict]) -> str:
             continue
         key = "round_over_ar_step_same_compile" if "round_over_ar_step_same_compile" in p else "round_over_ar_step"
         rt = f"{p[key]:.2f}" if key in p else "—"
-        ro = f"{p['ops_round_over_ar_step']:.2f}" if "ops_round_over_ar_step" in p else "—"
+        okey = "ops_round_over_ar_step" + ("_same_compile" if "ops_round_over_ar_step_same_compile" in p else "")
+        ro = f"{p[okey]:.2f}" if okey in p else "—"
         shares = " | ".join(f"{100 * p['time_share'][ph]:.0f}" for ph in ROUND_PHASES)
         lines.append(f"| {r['setting']} | {p['ops_per_round']:.0f} | {1000 * p['round_s']:.2f} | {rt} | {ro} | "
                      f"{shares} |")

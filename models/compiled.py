@@ -7,8 +7,12 @@ over all ``max_len`` slots and the masked ones get exactly zero weight. A plain-
 (:meth:`CompiledTarget.ar_step`, the graph of :func:`models.generation.ar_step`): token ids to the next tokens —
 embedding, the mask built inside the graph from the step's position tensor, layers, head, CFG, token
 restriction, processing and choice — with no host sync, so only the sampler's Exp(1) draw runs eagerly between
-two graph calls; a run compiles one such graph per sampling setting. A tree-verification forward keeps the
-caller's query count (the fixed tree size): one graph per tree size.
+two graph calls; a run compiles one such graph per sampling setting. A speculative round is compiled whole
+(:meth:`CompiledTarget.static_round`, the graph of :func:`models.drafters.static_round.static_round`): the
+drafter's tree levels, the target forward over the tree, the verification, the commit and the drafter's
+catch-up, with every position a tensor and every mask over the whole cache — one graph per tree setting, one
+call per round. A tree-verification forward outside it (decoders that run the engine's general loop: ``--tree
+auto``, drafter-free proposers) keeps the caller's query count (the fixed tree size): one graph per tree size.
 The prefill (a boolean mask over the prompt only) and any forward without a cache stay eager.
 
 Outputs: the compiled graph computes the same function; its floating-point results may differ from eager in
@@ -345,9 +349,10 @@ class _CompileDrafter(argparse.Action):
 def add_compile_args(parser) -> None:
     """``--compile`` / ``--compile_mode`` (generate_images, benchmark)."""
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the AR step (token ids to next tokens, one graph) and the target's "
-                        "tree-verification forward with static shapes; off by default (on the CPU demo it speeds "
-                        "plain AR up 2.4x but speculative rounds hardly; README '--compile')")
+                        help="torch.compile the AR step (token ids to next tokens, one graph) and the speculative "
+                        "round (drafter levels, target forward, verify, commit, catch-up: one graph a round) with "
+                        "static shapes; off by default (compile time; on the CPU demo it speeds plain AR and the "
+                        "chain of 6 up ~2.7x each; README '--compile')")
     parser.add_argument("--compile_drafter", action=_CompileDrafter, nargs=0, default=False,
                         help="compile the drafter's cached forward too (implies --compile; static shapes, query "
                         "counts padded to the tree's level sizes); off by default: on the CPU demo it is slower")
