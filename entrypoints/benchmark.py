@@ -375,6 +375,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             p = r["profile"]
             p["round_over_ar_step"] = p["round_s"] / base["step_s"]
             p["ops_round_over_ar_step"] = p["ops_per_round"] / base["ops_per_step"]
+            if p.get("products_s_per_round") and base.get("products_s_per_step"):  # the arithmetic floor
+                p["products_over_ar_step"] = p["products_s_per_round"] / base["products_s_per_step"]
     report = {"model": args.model, "num_images": len(prompts), "device": str(device), "dtype": str(dtype),
               "threads": torch.get_num_threads(), "repeats": args.repeats, "compile": args.compile,
               "compile_s": getattr(family.target, "compile_s", None), "compile_graphs": getattr(family.target, "graphs", None),
@@ -417,14 +419,17 @@ def _profile_markdown(results: list[dict]) -> str:
     from models.profiling import ROUND_PHASES
 
     head = ("| setting | aten ops / round (AR: / step; compiled: launches) | round time (ms) | round ÷ AR step (time, same compile) | "
-            "round ÷ AR step (ops, same compile) | " + " | ".join(f"{p} %" for p in ROUND_PHASES) + " |")
-    lines = [head, "|" + "---|" * (5 + len(ROUND_PHASES))]
+            "round ÷ AR step (ops, same compile) | matrix products: round ÷ AR step (time alone) | "
+            + " | ".join(f"{p} %" for p in ROUND_PHASES) + " |")
+    lines = [head, "|" + "---|" * (6 + len(ROUND_PHASES))]
     for r in results:
         p = r.get("profile")
         if not p:
             continue
         if "ops_per_step" in p:
-            lines.append(f"| {r['setting']} | {p['ops_per_step']:.0f} | {1000 * p['step_s']:.2f} | 1 | 1 |"
+            mp = f"1 ({p['products_per_step']:.0f} in {1e3 * p['products_s_per_step']:.2f} ms)" if p.get(
+                "products_s_per_step") else "—"
+            lines.append(f"| {r['setting']} | {p['ops_per_step']:.0f} | {1000 * p['step_s']:.2f} | 1 | 1 | {mp} |"
                          + " — |" * len(ROUND_PHASES))
             continue
         key = "round_over_ar_step_same_compile" if "round_over_ar_step_same_compile" in p else "round_over_ar_step"
@@ -432,12 +437,17 @@ def _profile_markdown(results: list[dict]) -> str:
         okey = "ops_round_over_ar_step" + ("_same_compile" if "ops_round_over_ar_step_same_compile" in p else "")
         ro = f"{p[okey]:.2f}" if okey in p else "—"
         shares = " | ".join(f"{100 * p['time_share'][ph]:.0f}" for ph in ROUND_PHASES)
-        lines.append(f"| {r['setting']} | {p['ops_per_round']:.0f} | {1000 * p['round_s']:.2f} | {rt} | {ro} | "
+        mp = f"{p['products_over_ar_step']:.2f} ({p['products_per_round']:.0f})" if "products_over_ar_step" in p else "—"
+        lines.append(f"| {r['setting']} | {p['ops_per_round']:.0f} | {1000 * p['round_s']:.2f} | {rt} | {ro} | {mp} | "
                      f"{shares} |")
     if any(r.get("compiled") for r in results):
         lines.append("\ncompiled settings: launches = aten ops dispatched eagerly + the kernel launches of every compiled "
                      "graph call (generated kernels, extern kernels and aten fallbacks in inductor's wrapper code, "
                      "models/compiled.py graph_launches); times are those of the setting as run.")
+    lines.append("\nmatrix products: every linear / mm / addmm one round (AR: one step) computes, recorded in the eager "
+                 "op-count run and replayed alone, each with its own weights (models/profiling.py replay_products): "
+                 "the arithmetic floor of a round in AR steps, whatever dispatch and bookkeeping cost (eager rows; a "
+                 "compiled round computes the same products).")
     return "\n".join(lines)
 
 

@@ -33,12 +33,14 @@ class OpCounter(TorchDispatchMode):
     inside compiled graphs (``graph_launches``, over ``graph_calls`` calls); with nothing compiled they agree.
     """
 
-    def __init__(self):
+    def __init__(self, record_products: bool = False):
         super().__init__()
         self.total = 0
         self.by_op: Counter = Counter()
         self.graph_calls = 0
         self.graph_launches = 0
+        # (rows, K, N, dtype, device) of every matrix product (linear / mm / addmm), for replay_products
+        self.products: list[tuple] | None = [] if record_products else None
 
     def add_graph_call(self, launches: int) -> None:
         """One call of a compiled graph that launches ``launches`` kernels (generated + extern + fallbacks)."""
@@ -50,7 +52,47 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.total += 1
         self.by_op[str(func.overloadpacket)] += 1
+        if self.products is not None:
+            shape = _product_shape(func, args)
+            if shape is not None:
+                self.products.append(shape)
         return func(*args, **(kwargs or {}))
+
+
+_PRODUCTS = {"aten.linear": (0, 1, True), "aten.mm": (0, 1, False), "aten.addmm": (1, 2, False)}
+
+
+def _product_shape(func, args) -> tuple | None:
+    """(rows, K, N, dtype, device) of a matrix product call (x @ w), None for any other op."""
+    spec = _PRODUCTS.get(str(func.overloadpacket))
+    if spec is None:
+        return None
+    x, w = args[spec[0]], args[spec[1]]
+    k = x.shape[-1]
+    n = w.shape[0] if spec[2] else w.shape[-1]  # linear: weight (N, K); mm: (K, N)
+    return (x.numel() // max(k, 1), k, n, x.dtype, x.device)
+
+
+def replay_products(products: list[tuple], repeats: int = 20) -> float:
+    """Seconds that the recorded matrix products take by themselves (median of ``repeats`` passes), each with its
+    own weight matrix, as in the model (so weights come from memory as they do there): the arithmetic floor of
+    what recorded them, whatever its dispatch or bookkeeping costs."""
+    if not products:
+        return 0.0
+    ops = [(torch.randn(m, k, dtype=dt, device=dev), torch.randn(n, k, dtype=dt, device=dev))
+           for m, k, n, dt, dev in products]
+    sync = products[0][4].type == "cuda"
+    times = []
+    for _ in range(repeats):
+        if sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for x, w in ops:
+            torch.nn.functional.linear(x, w)
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 class PhaseProfiler:
@@ -109,7 +151,7 @@ def profile_speculative(decoder, prefix, generators_fn) -> dict:
     decoder.profiler = timer
     try:
         decoder.generate(prefix, generators_fn())
-        counter = OpCounter()
+        counter = OpCounter(record_products=True)
         ops = PhaseProfiler(counter)
         decoder.profiler = ops
         with counter:
@@ -119,7 +161,11 @@ def profile_speculative(decoder, prefix, generators_fn) -> dict:
     sec = timer.per_round(timer.seconds)
     opr = ops.per_round(ops.ops)
     r = max(ops.rounds, 1)
+    # the matrix products one round computes (eager decoding only: a compiled graph's are not seen), timed alone
+    products = counter.products if not counter.graph_calls else []
     return {"rounds": timer.rounds, "seconds_per_round": sec, "round_s": sum(sec.values()),
+            "products_per_round": len(products) / r if products else None,
+            "products_s_per_round": replay_products(products) / r if products else None,
             "ops_per_round_by_phase": opr, "ops_per_round": sum(opr.values()),
             "graph_calls_per_round": counter.graph_calls / r, "graph_launches_per_round": counter.graph_launches / r,
             "time_share": {p: v / max(sum(sec.values()), 1e-12) for p, v in sec.items()}}
@@ -146,15 +192,18 @@ def profile_ar_step(target, prefix, num_tokens: int, sampling, generators_fn, al
         run_prefill()
         sync()
         t_prefill = time.perf_counter() - t0
-        c = OpCounter()
+        c = OpCounter(record_products=True)
         with c:
             generate_ar(target, prefix, num_tokens, sampling, generators_fn(), allowed_tokens)
-        p = OpCounter()
+        p = OpCounter(record_products=True)
         with p:
             run_prefill()
     steps = max(num_tokens - 1, 1)
     # a step = one forward of one token + sampling; the prefill's ops and time are taken out
+    products = c.products[len(p.products):] if not c.graph_calls else []  # the prefill's come first
     return {"ops_per_step": (c.total - p.total) / steps, "steps": steps,
+            "products_per_step": len(products) / steps if products else None,
+            "products_s_per_step": replay_products(products) / steps if products else None,
             "graph_calls_per_step": (c.graph_calls - p.graph_calls) / steps,
             "graph_launches_per_step": (c.graph_launches - p.graph_launches) / steps,
             "step_s": max(st.latency - t_prefill, 0.0) / steps}
