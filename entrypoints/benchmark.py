@@ -289,7 +289,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             print(compile_report(compiled or family.target) + f" (warm-up, batch {bs}; not in the timings)",
                   file=sys.stderr)
         acc = {s["label"]: {"time": 0.0, "taus": [], "fwd": [], "toks": [], "depth": [], "tvd_mean": [], "tvd_max": [],
-                            "per_image": [], "ratio": []} for s in settings}
+                            "per_image": [], "ratio": [], "ratio_same": []} for s in settings}
+        # the plain-AR setting with the same compile setting as each setting (when the run has one)
+        same_ar = {s["label"]: next((o["label"] for o in settings if o["name"] == "ar"
+                                     and bool(o.get("compile")) == bool(s.get("compile"))), None) for s in settings}
         passes = [(r, c, chunk) for r in range(args.repeats) for c, chunk in enumerate(chunks)]
         for r, c, chunk in tqdm(passes, desc=f"batch {bs}", unit="batch", leave=False):
             # interleaved: every batch of prompts runs every setting, in an order rotated from batch to batch so
@@ -315,6 +318,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             if "ar" in lat:  # the speed-up of this batch, against plain AR run beside it
                 for label, v in lat.items():
                     acc[label]["ratio"].append(lat["ar"] / v)
+            for label, v in lat.items():  # and against the AR run with the same compile setting
+                if same_ar[label] is not None:
+                    acc[label]["ratio_same"].append(lat[same_ar[label]] / v)
         for s in settings:
             a = acc[s["label"]]
             tokens = torch.cat(a["toks"])
@@ -327,6 +333,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                    "target_forwards": statistics.mean(a["fwd"])}
             if a["ratio"]:
                 row["speedup_spread"] = spread(a["ratio"])
+            if a["ratio_same"]:
+                row["speedup_same_compile_spread"] = spread(a["ratio_same"])
             if not args.no_profile and bs == args.batch_size[0]:
                 row["profile"] = _profile(s, decoders[s["label"]], family, targets[s["label"]], prompts, chunks[0],
                                           cfg_scale, sampling, device, args.random_seed)
@@ -455,7 +463,7 @@ def _markdown(results: list[dict]) -> str:
     has_acc = any("accuracy" in r for r in results)
     head = ("| setting | batch | τ | latency (s / image), median [IQR] | images/s | tokens/s | "
             "speed-up vs AR (same batch) [IQR of per-batch ratios] | target forwards |") + (" accuracy |" if has_acc else "") + \
-        " node TVD mean / max | speed-up vs AR, same compile setting |"
+        " node TVD mean / max | speed-up vs AR, same compile setting [IQR] |"
     sep = "|---|---|---|---|---|---|---|---|" + ("---|" if has_acc else "") + "---|---|"
     lines = [head, sep]
     for r in results:
@@ -470,7 +478,11 @@ def _markdown(results: list[dict]) -> str:
         if has_acc:
             line += f" {100 * r['accuracy']:.0f} % |"
         line += f" {r['node_tvd_mean']:.3f} / {r['node_tvd_max']:.3f} |" if "node_tvd_mean" in r else " — |"
-        line += f" {r['speedup_vs_ar_same_compile']:.2f}× |" if "speedup_vs_ar_same_compile" in r else " — |"
+        if "speedup_vs_ar_same_compile" in r:
+            q = r.get("speedup_same_compile_spread")
+            line += f" {r['speedup_vs_ar_same_compile']:.2f}×" + (f" [{q['q1']:.2f}–{q['q3']:.2f}] |" if q else " |")
+        else:
+            line += " — |"
         lines.append(line)
     return "\n".join(lines)
 

@@ -318,7 +318,7 @@ class SpeculativeDecoder:
             lo, hi = lv["lo"], lv["hi"]
             if d > 0:  # feed this level's nodes to get their features and Q
                 node_out[:, lo:hi] = feed(node_out[:, lv["parents"]], tokens[:, lo:hi].repeat(streams, 1), d, lo - 1,
-                                          lv["sub"][None]).to(node_out.dtype)
+                                          lv["sub"][None])
             index = base[:, None] + d if self._needs_index else None
             q_level = self._draft_q(self._draft_logits(node_out[:, lo:hi], index))
             q_levels.append(q_level)
