@@ -8,7 +8,7 @@ over all ``max_len`` slots and the masked ones get exactly zero weight. A plain-
 embedding, the mask built inside the graph from the step's position tensor, layers, head, CFG, token
 restriction, processing and choice — with no host sync, so only the sampler's Exp(1) draw runs eagerly between
 two graph calls; a run compiles one such graph per sampling setting. A speculative round is compiled whole
-(:meth:`CompiledTarget.static_round`, the graph of :func:`models.drafters.static_round.static_round`): the
+(:meth:`CompiledTarget.speculative_round`, the graph of :func:`models.drafters.fused_round.speculative_round`): the
 drafter's tree levels, the target forward over the tree, the verification, the commit and the drafter's
 catch-up, with every position a tensor and every mask over the whole cache — one graph per tree setting, one
 call per round. A tree-verification forward outside it (decoders that run the engine's general loop: ``--tree
@@ -179,9 +179,9 @@ class CompiledTarget:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._run = _CompiledFn(target.forward_hidden, mode, backend)
         self._step = _CompiledFn(functools.partial(ar_step, target), mode, backend)
-        from models.drafters.static_round import static_round
+        from models.drafters.fused_round import speculative_round
 
-        self._round = _CompiledFn(static_round, mode, backend)  # a static-tree round, whole (fused_round)
+        self._round = _CompiledFn(speculative_round, mode, backend)  # a speculative round, whole (fused_round)
         self._drafters: dict[int, CompiledDrafter] = {}
 
     def with_drafter(self, drafter: bool = True) -> CompiledTarget:
@@ -251,14 +251,14 @@ class CompiledTarget:
         return out
 
 
-    def static_round(self, dec, plan, drafter, *args):
-        """:func:`models.drafters.static_round.static_round` as one compiled graph (tree, target forward,
+    def speculative_round(self, dec, plan, drafter, *args):
+        """:func:`models.drafters.fused_round.speculative_round` as one compiled graph (tree, target forward,
         verify, commit and the drafter's catch-up); one graph per template, batch and cache length."""
         try:  # what a new graph is compiled for: the tree, shapes, rule and sampler (first calls are timed)
             rule = hash((dec.accept, dec.sampling, dec.measure_shift))
         except TypeError:  # a rule holding tensors (GSD's embeddings)
             rule = id(dec.accept)
-        key = ("static_round", dec.tree_cfg.static_choices, tuple(args[1].shape), args[5].shape[1], rule)
+        key = ("speculative_round", dec.tree_cfg, tuple(args[1].shape), args[5].shape[1], rule)
         out = self._round(key, dec, plan, self._target, drafter, *args)
         if self._mode == "reduce-overhead":  # CUDA graphs reuse output memory at the next replay: keep copies
             out = tuple(x.clone() for x in out)

@@ -134,14 +134,14 @@ class SpeculativeDecoder:
         self.measure_shift = True
         # verify_trees' schedule (same draws, same outcome): True = all nodes at once, False = per depth level
         self.verify_all_nodes = True
-        # a static tree's round as one fixed-shape function (models/drafters/static_round.py): None = when the
+        # the round as one fixed-shape function (models/drafters/fused_round.py): None = when the
         # target is compiled (one graph a round), True = also eagerly, False = never
         self.fused_round: bool | None = None
         self.round_observer = None  # called as (trees, results) after each verification (``--tree auto``'s statistics)
         # --compile_drafter: a compiled target made with drafter=True compiles the drafter's forward too
         make = getattr(target, "compiled_drafter", None) if drafter is not None else None
         self._compiled_drafter = make(drafter) if make is not None else None
-        self._round_plans: dict = {}  # the fused round's sizes per device and tree (static_round.round_plan)
+        self._round_plans: dict = {}  # the fused round's sizes per device and tree (fused_round.round_plan)
         if self.tree_cfg.static_choices is not None:
             self.set_static_tree(self.tree_cfg.static_choices)
         else:
@@ -201,7 +201,7 @@ class SpeculativeDecoder:
     # drafter slots slot_lo .. slot_lo + m − 1 (counted from where the round's tree starts), at depth d, and
     # see their ancestors ``anc`` ((B or 1, m, T) bool over the tree slots 0 .. T − 1) besides the committed
     # prefix. The engine's loop feeds at slots shared by the batch (:meth:`_shared_slot_feed`); the fused
-    # static round (models/drafters/static_round.py) at per-row slots with whole-cache masks.
+    # round (models/drafters/fused_round.py) at per-row slots with whole-cache masks.
     def _shared_slot_feed(self, pos_rows, slot0, dcache, prefix_keys):
         """``feed`` for the engine's loop: tree slots from ``slot0`` (the longest committed length) on, each row
         seeing its own committed slots (``prefix_keys``, (rows, slot0)) and its ancestors."""
@@ -353,9 +353,9 @@ class SpeculativeDecoder:
         if prefix.cfg_scale != self.cfg_scale:
             raise ValueError("prefix and decoder disagree on the CFG scale")
         if self.fused_round is not False:
-            from models.drafters.static_round import fused_supported, generate_fused
+            from models.drafters.fused_round import fused_supported, generate_fused
 
-            if (self.fused_round or hasattr(self.target, "static_round")) and fused_supported(self, prefix):
+            if (self.fused_round or hasattr(self.target, "speculative_round")) and fused_supported(self, prefix):
                 return generate_fused(self, prefix, generator)
         start = time.perf_counter()
         target, n_tok = self.target, self.num_tokens

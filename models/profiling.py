@@ -100,7 +100,7 @@ class PhaseProfiler:
 
     ``mark(name)`` closes the phase running since the previous mark and opens ``name``; ``mark(None)`` closes
     without opening (end of the loop). ``rounds`` counts marks of ``"drafter"`` (the first phase of a round) or
-    ``"fused"`` (a static-tree round run as one function, :mod:`models.drafters.static_round`: one phase).
+    ``"fused"`` (a speculative round run as one function, :mod:`models.drafters.fused_round`: one phase).
     With ``counter`` set, op counts per phase are read from it; on CUDA every mark synchronises the device so
     the time lands in the phase that launched the kernels.
     """

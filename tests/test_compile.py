@@ -42,7 +42,7 @@ def _check_same_tokens_and_no_recompile(backend: str):
             want = _decode(model, drafter, first, sampling, tree, 3)
             assert torch.equal(_decode(compiled, drafter, first, sampling, tree, 3), want), (tree, sampling)
     # target: the AR step (token ids to next tokens, so one graph per sampling setting: greedy, sampled) and
-    # the whole round of the dynamic tree and of the chain (models/drafters/static_round.py: one graph per tree
+    # the whole round of the dynamic tree and of the chain (models/drafters/fused_round.py: one graph per tree
     # and sampling setting); drafter: the prefix catch-up before the first round, one per tree (its other
     # calls run inside the round's graph)
     assert (compiled.target_graphs, compiled.drafter_graphs) == (6, 2)

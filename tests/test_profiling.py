@@ -59,7 +59,7 @@ def test_profiled_round_on_the_demo_leaves_tokens_unchanged(demo, setting):  # n
     assert prof["rounds"] == st.target_forwards - 1  # one round per target forward after the prefill
     assert set(prof["ops_per_round_by_phase"]) == set(ROUND_PHASES)
     # the engine's general loop (eager): every phase of the round issues ops; "fused" is the static round run
-    # as one function (models/drafters/static_round.py, tests/test_static_round.py)
+    # as one function (models/drafters/fused_round.py, tests/test_fused_round.py)
     assert all(v > 0 for p, v in prof["ops_per_round_by_phase"].items() if p != "fused")
     assert prof["ops_per_round_by_phase"]["fused"] == 0
     assert prof["ops_per_round"] == pytest.approx(sum(prof["ops_per_round_by_phase"].values()))

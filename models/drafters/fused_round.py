@@ -1,34 +1,35 @@
-"""The static-tree speculative round as one function of fixed shapes (issue 8): compiled once, one graph a round.
+"""A speculative round as one function of fixed shapes (issue 8): compiled once, one graph a round.
 
-Why: on a small model the round of :meth:`SpeculativeDecoder.generate` is bound by the dispatch of ~1,300
-small operators (drafter levels, the tree builder, the verifier, the commit), and under ``--compile`` it stays
-a dozen graphs with eager bookkeeping between them. With a static tree every shape of a round is known before
-decoding starts — the template fixes the node count, the levels and the accepted-path length bound — so the
-whole round can be written as one function of tensors whose shapes never change:
+Why: on a small model the round of :meth:`SpeculativeDecoder.generate` is bound by the dispatch of ~1,200–1,300
+small operators (drafter levels, the tree builder, the verifier, the commit), and under ``--compile`` it stayed
+a dozen graphs with eager bookkeeping between them. With a static tree (a chain is one) or EAGLE-2's dynamic
+tree every shape of a round is known before decoding starts — the node count, the levels and the bound D on the
+accepted path are fixed by the tree setting — so the whole round can be written as one function of tensors
+whose shapes never change:
 
-1. the tree: for every level, the drafter's Q at the level's nodes (``lm_head`` → CFG → the sampler's
-   processing), the children drawn by Gumbel-top-k from uniforms drawn before the call, and the next level fed
-   to the drafter (its slots and RoPE positions per row, its mask built from the row's committed length and
-   the template's ancestry, over the whole cache);
+1. the tree: the engine's own builder (:meth:`SpeculativeDecoder._static_tree` with uniforms drawn before the
+   call, or :meth:`~SpeculativeDecoder._dynamic_tree`), each level fed to the drafter at per-row slots and RoPE
+   positions, its mask built from the row's committed length and the tree's ancestry, over the whole cache;
 2. one target forward over every prompt's tree, ``p`` per node;
 3. :func:`~models.drafters.acceptance.verify_trees`' all-nodes rule (the same code, against uniforms drawn
    before the call, so the draws are the eager engine's);
 4. the commit of the accepted path in the target cache, the emitted tokens written after each prompt's last
-   one, and the drafter's catch-up on the accepted path (padded to depth + 1 queries), which gives the next
+   one, and the drafter's catch-up on the accepted path (padded to D + 1 queries), which gives the next
    round's root feature — the catch-up ends the round instead of starting it, so the prefix catch-up (its
    length is the prompt's) runs once, eagerly, before the first round.
 
 Every position is a tensor (per-row committed lengths: batches need no host value), every mask spans the whole
-cache, so one compiled graph serves every round of every image (``--compile`` with a static tree; the round's
-kernel launches are what the op counter reports). A finished prompt keeps its rows but stops advancing (its
-length and output count freeze; its outputs are ignored and it draws no random numbers), so the batch keeps
-its shape. The only host work per round is drawing the round's uniforms from each prompt's generator (the same
-draws, in the same order, as the eager engine's) and one read of the accepted lengths.
+cache, so one compiled graph serves every round of every image (``--compile``; the round's kernel launches are
+what the op counter reports). A finished prompt keeps its rows but stops advancing (its length and output count
+freeze; its outputs are ignored and it draws no random numbers), so the batch keeps its shape. The only host work
+per round is drawing the round's uniforms from each prompt's generator (the same draws, in the same order, as the
+eager engine's) and one read of the accepted lengths.
 
-The function runs eagerly too (:attr:`SpeculativeDecoder.fused_round` = True); the tests check that it
-gives the eager engine's tokens (greedy and seeded sampling, batch 1 and B) and that compiled equals eager.
-Not covered (the engine's general loop runs instead): dynamic trees, drafter-free proposers, token-prefix
-families (Chameleon's caches), position-dependent token masks, ``--tree auto``'s round observer.
+The function runs eagerly too (:attr:`SpeculativeDecoder.fused_round` = True); the tests check that it gives the
+eager engine's tokens and statistics in float32 (greedy and seeded sampling, batch 1 and B; in half precision the
+whole-cache masks change the rounding of attention, so sampled tokens may differ) and that compiled equals eager.
+Not covered (the engine's general loop runs instead): drafter-free proposers, token-prefix families (Chameleon's
+caches), position-dependent token masks, ``--tree auto``'s round observer.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _tree_visibility(off: torch.Tensor, anc: torch.Tensor) -> torch.Tensor:
     return seen & inside[:, None, :]
 
 
-def static_round(dec, plan: RoundPlan, target, drafter, roots, h_root, lengths, n_out, active, keys, out_tokens,
+def speculative_round(dec, plan: RoundPlan, target, drafter, roots, h_root, lengths, n_out, active, keys, out_tokens,
                  tcache, dcache, u_tree, u_sib, u_next):
     """One round for every prompt of the batch, fixed shapes, no host sync (see the module docstring).
 
@@ -182,7 +183,7 @@ def _raw(module):
 
 @torch.inference_mode()
 def generate_fused(dec, prefix, generator=None) -> tuple[torch.Tensor, GenerationStats]:
-    """:meth:`SpeculativeDecoder.generate` for a static tree, every round one :func:`static_round` call (compiled
+    """:meth:`SpeculativeDecoder.generate` with every round one :func:`speculative_round` call (compiled
     when the target is: :class:`~models.compiled.CompiledTarget`). Same outputs and statistics."""
     from models.ea_model import _by_depth, _prompt_stats, _tvd_summary
     from models.generation import check_generators, key_validity, prefill, sample_per_prompt
@@ -223,7 +224,7 @@ def generate_fused(dec, prefix, generator=None) -> tuple[torch.Tensor, Generatio
         vocab = target.lm_head.weight.shape[0]
         u_tree = torch.zeros(batch, plan.expanded, vocab, device=dev) if plan.static else None
         bufs = (u_tree, torch.zeros(batch, plan.n, plan.width, device=dev), torch.zeros(batch, device=dev))
-    run = getattr(target, "static_round", None)
+    run = getattr(target, "speculative_round", None)
     raw_target, raw_drafter = _raw(target), dec.drafter
     forced_host = forced.tolist()
     per = [{"accept_lengths": [], "attempted": [], "accepted": [], "image_counts": [], "node_tvd": []}
@@ -244,7 +245,7 @@ def generate_fused(dec, prefix, generator=None) -> tuple[torch.Tensor, Generatio
         if run is not None:
             out = run(dec, plan, raw_drafter, *args)
         else:
-            out = static_round(dec, plan, raw_target, raw_drafter, *args)
+            out = speculative_round(dec, plan, raw_target, raw_drafter, *args)
         roots, h_root, lengths, n_out, accept, tvd, attempted, accepted = out
         forwards += 1
         accept_host = accept.tolist()  # the round's one host read

@@ -1,4 +1,4 @@
-"""The static-tree round as one fixed-shape function (models/drafters/static_round.py): the engine's tokens,
+"""A speculative round as one fixed-shape function (models/drafters/fused_round.py): the engine's tokens,
 statistics and random draws, eagerly and compiled, for chains and trees, batch 1 and B, padded prefixes."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from test_engine import MC_SIM, _fixture_gpt, _fixture_prefix, _random_drafter
 from models.compiled import CompiledTarget
 from models.drafters.acceptance import AcceptConfig
 from models.drafters.choices import get_tree_choices
-from models.drafters.static_round import fused_supported
+from models.drafters.fused_round import fused_supported
 from models.ea_model import SpeculativeDecoder, TreeConfig
 from models.generation import Prefix
 from models.profiling import OpCounter, profile_speculative
