@@ -505,20 +505,28 @@ class SpeculativeDecoder:
         if tokens.is_cuda:
             torch.cuda.synchronize(tokens.device)
         latency = time.perf_counter() - start
-        per_prompt = [{**_prompt_stats(st), **_tvd_summary(st["node_tvd"], n_tok - 1)} for st in per]
-        extra = {
-            "step_compression": sum(p["step_compression"] for p in per_prompt) / batch,
-            "acceptance_by_depth": _by_depth([a for st in per for a in st["accepted"]],
-                                             [a for st in per for a in st["attempted"]]),
-            "accept_lengths": [a for p in per_prompt for a in p["accept_lengths"]],
-            "per_prompt": per_prompt,
-            # free (forced) tokens such as Lumina's newlines excluded: image tokens per target forward
-            "step_compression_image": sum(p["step_compression_image"] for p in per_prompt) / batch,
-        }
-        if per_prompt and "node_tvd_mean" in per_prompt[0]:  # the realised shift per emitted token (issue 13)
-            extra["node_tvd_mean"] = sum(p["node_tvd_mean"] for p in per_prompt) / len(per_prompt)
-            extra["node_tvd_max"] = max(p["node_tvd_max"] for p in per_prompt)
+        extra = round_statistics(per, n_tok)
         return tokens, GenerationStats(latency, n_tok * batch, forwards, extra)
+
+
+def round_statistics(per: list[dict], n_tok: int) -> dict:
+    """``GenerationStats.extra`` from every prompt's per-round records (accepted lengths, sibling tests attempted /
+    accepted by depth, emitted tokens per forward, realised TVD): τ, acceptance by depth, per-prompt summaries."""
+    batch = len(per)
+    per_prompt = [{**_prompt_stats(st), **_tvd_summary(st["node_tvd"], n_tok - 1)} for st in per]
+    extra = {
+        "step_compression": sum(p["step_compression"] for p in per_prompt) / batch,
+        "acceptance_by_depth": _by_depth([a for st in per for a in st["accepted"]],
+                                         [a for st in per for a in st["attempted"]]),
+        "accept_lengths": [a for p in per_prompt for a in p["accept_lengths"]],
+        "per_prompt": per_prompt,
+        # free (forced) tokens such as Lumina's newlines excluded: image tokens per target forward
+        "step_compression_image": sum(p["step_compression_image"] for p in per_prompt) / batch,
+    }
+    if per_prompt and "node_tvd_mean" in per_prompt[0]:  # the realised shift per emitted token (issue 13)
+        extra["node_tvd_mean"] = sum(p["node_tvd_mean"] for p in per_prompt) / len(per_prompt)
+        extra["node_tvd_max"] = max(p["node_tvd_max"] for p in per_prompt)
+    return extra
 
 
 def _by_depth(accepted: list[torch.Tensor], attempted: list[torch.Tensor]) -> list[float]:

@@ -185,7 +185,7 @@ def _raw(module):
 def generate_fused(dec, prefix, generator=None) -> tuple[torch.Tensor, GenerationStats]:
     """:meth:`SpeculativeDecoder.generate` with every round one :func:`speculative_round` call (compiled
     when the target is: :class:`~models.compiled.CompiledTarget`). Same outputs and statistics."""
-    from models.ea_model import _by_depth, _prompt_stats, _tvd_summary
+    from models.ea_model import round_statistics
     from models.generation import check_generators, key_validity, prefill, sample_per_prompt
     from models.token_masks import forced_positions
 
@@ -208,8 +208,8 @@ def generate_fused(dec, prefix, generator=None) -> tuple[torch.Tensor, Generatio
     out_tokens = torch.zeros(batch, n_tok + 2 * (plan.depth + 1), dtype=torch.long, device=dev)
     out_tokens[:, 0] = roots
     # the drafter's catch-up on the prefix (its length is the prompt's): once, eagerly
-    if prefix.token_ids is None:
-        ids = torch.cat([torch.zeros(batch, t - 1, dtype=torch.long, device=dev), roots[:, None]], 1).repeat(streams, 1)
+    # (condition prefixes only, fused_supported: their positions carry token id 0, the last one the root)
+    ids = torch.cat([torch.zeros(batch, t - 1, dtype=torch.long, device=dev), roots[:, None]], 1).repeat(streams, 1)
     pos = torch.arange(t, device=dev)
     dmask = (keys[:, None, :t] & (pos[None, None, :] <= pos[None, :, None])) | (pos[None, None, :] == pos[None, :, None])
     h_root = dec._run_drafter(hidden, ids, pos.expand(rows, -1), dcache, pos.expand(rows, -1), dmask[:, None])[:, -1]
@@ -269,16 +269,5 @@ def generate_fused(dec, prefix, generator=None) -> tuple[torch.Tensor, Generatio
     if tokens.is_cuda:
         torch.cuda.synchronize(tokens.device)
     latency = time.perf_counter() - start
-    per_prompt = [{**_prompt_stats(st), **_tvd_summary(st["node_tvd"], n_tok - 1)} for st in per]
-    extra = {
-        "step_compression": sum(p["step_compression"] for p in per_prompt) / batch,
-        "acceptance_by_depth": _by_depth([a for st in per for a in st["accepted"]],
-                                         [a for st in per for a in st["attempted"]]),
-        "accept_lengths": [a for p in per_prompt for a in p["accept_lengths"]],
-        "per_prompt": per_prompt,
-        "step_compression_image": sum(p["step_compression_image"] for p in per_prompt) / batch,
-    }
-    if per_prompt and "node_tvd_mean" in per_prompt[0]:
-        extra["node_tvd_mean"] = sum(p["node_tvd_mean"] for p in per_prompt) / len(per_prompt)
-        extra["node_tvd_max"] = max(p["node_tvd_max"] for p in per_prompt)
+    extra = round_statistics(per, n_tok)
     return tokens, GenerationStats(latency, n_tok * batch, forwards, extra)
