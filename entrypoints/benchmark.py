@@ -278,6 +278,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             return generate_ar(targets[label], prefix, family.num_image_tokens, sampling, gens, family.allowed_tokens)
         return decoders[label].generate(prefix, gens)
 
+    # whether each setting runs compiled, and the plain-AR setting with the same compile setting (if the run has one)
+    comp = {s["label"]: bool(s.get("compile")) or args.compile for s in settings}
+    same_ar = {s["label"]: next((o["label"] for o in settings if o["name"] == "ar" and comp[o["label"]] == comp[s["label"]]),
+                                None) for s in settings}
     results = []
     for bs in args.batch_size:
         chunks = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
@@ -290,9 +294,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                   file=sys.stderr)
         acc = {s["label"]: {"time": 0.0, "taus": [], "fwd": [], "toks": [], "depth": [], "tvd_mean": [], "tvd_max": [],
                             "per_image": [], "ratio": [], "ratio_same": []} for s in settings}
-        # the plain-AR setting with the same compile setting as each setting (when the run has one)
-        same_ar = {s["label"]: next((o["label"] for o in settings if o["name"] == "ar"
-                                     and bool(o.get("compile")) == bool(s.get("compile"))), None) for s in settings}
         passes = [(r, c, chunk) for r in range(args.repeats) for c, chunk in enumerate(chunks)]
         for r, c, chunk in tqdm(passes, desc=f"batch {bs}", unit="batch", leave=False):
             # interleaved: every batch of prompts runs every setting, in an order rotated from batch to batch so
@@ -360,12 +361,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 save_image(family.decode_images(tokens), out / f"{name}.png", nrow=10)
             results.append(row)
     ar_prof = {r["batch_size"]: r["profile"] for r in results if r["setting"] == "ar" and "profile" in r}
-    comp = {s["label"]: bool(s.get("compile")) or args.compile for s in settings}
-    ar_of = {c: next((s["label"] for s in settings if s["name"] == "ar" and comp[s["label"]] == c), None)
-             for c in (False, True)}
     for r in results:  # against the AR run with the same compile setting (when the run has one)
         r["compiled"] = comp[r["setting"]]
-        base = next((b for b in results if b["setting"] == ar_of[r["compiled"]] and b["batch_size"] == r["batch_size"]),
+        base = next((b for b in results if b["setting"] == same_ar[r["setting"]] and b["batch_size"] == r["batch_size"]),
                     None)
         if base is not None:
             r["speedup_vs_ar_same_compile"] = base["latency_s"] / r["latency_s"]

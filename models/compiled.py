@@ -174,7 +174,7 @@ class CompiledTarget:
 
     def __init__(self, target, mode: str | None = None, backend: str = "inductor", drafter: bool = False):
         self._target, self._mode, self._backend, self._compile_drafter = target, mode, backend, drafter
-        # one graph per decoding setting of the static round (acceptance rule, sampler, tree): the benchmark
+        # one graph per decoding setting of the speculative round (acceptance rule, sampler, tree): the benchmark
         # compares many settings in one process, more than dynamo's default of 8 graphs per function
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._run = _CompiledFn(target.forward_hidden, mode, backend)
@@ -249,7 +249,6 @@ class CompiledTarget:
         if self._mode == "reduce-overhead":  # CUDA graphs reuse output memory at the next replay: keep copies
             out = tuple(x.clone() for x in out)
         return out
-
 
     def speculative_round(self, dec, plan, drafter, *args):
         """:func:`models.drafters.fused_round.speculative_round` as one compiled graph (tree, target forward,

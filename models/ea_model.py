@@ -210,8 +210,7 @@ class SpeculativeDecoder:
 
         def feed(feats, ids, d, slot_lo, anc):
             m = ids.shape[1]
-            anc = anc.repeat(rows // anc.shape[0], 1, 1) if anc.shape[0] > 1 else anc.expand(rows, -1, -1)
-            mask = torch.cat([prefix_block.expand(-1, 1, m, -1), anc[:, None]], dim=-1)
+            mask = torch.cat([prefix_block.expand(-1, 1, m, -1), stream_rows(anc, rows)[:, None]], dim=-1)
             rope = (pos_rows - 1 + d)[:, None].expand(-1, m)
             slots = torch.arange(slot0 + slot_lo, slot0 + slot_lo + m, device=ids.device)
             return self._run_drafter(feats, ids, rope, dcache, slots, mask)
@@ -278,7 +277,7 @@ class SpeculativeDecoder:
             kids = tmpl.children[lo:hi]  # (level, C) rank order, -1 padded
             valid = (kids >= 0).flatten()
             levels.append({
-                "lo": lo, "hi": hi, "slot": torch.arange(lo - 1, hi - 1, device=dev), "parents": tmpl.parents[lo:hi],
+                "lo": lo, "hi": hi, "parents": tmpl.parents[lo:hi],
                 "sub": tmpl.tree_mask[lo:hi, 1:hi],  # ancestry among the non-root nodes fed so far
                 "kid_nodes": kids.flatten()[valid], "kid_src": valid.nonzero().squeeze(1),
             })
@@ -417,10 +416,7 @@ class SpeculativeDecoder:
                 # 1. drafter catch-up, every row at its own slots/positions dlen + j (padded entries are discarded)
                 m = pend_ids.shape[1]
                 pos = dlen.repeat(streams)[:, None] + torch.arange(m, device=dev)  # (rows, m)
-                kv = int(pos.max()) + 1
-                slot = torch.arange(kv, device=dev)
-                dmask = (keys[:, None, :kv] & (slot <= pos[:, :, None])) | (slot == pos[:, :, None])
-                h_d = self._run_drafter(pend_feat, pend_ids, pos, dcache, pos, dmask[:, None])
+                h_d = self._run_drafter(pend_feat, pend_ids, pos, dcache, pos, catch_up_mask(keys, pos))
                 last = (pend_len - 1).repeat(streams)
                 h_root = h_d[torch.arange(rows, device=dev), last][:, None]  # (rows, 1, H)
                 dlen = lengths.clone()
@@ -507,6 +503,20 @@ class SpeculativeDecoder:
         latency = time.perf_counter() - start
         extra = round_statistics(per, n_tok)
         return tokens, GenerationStats(latency, n_tok * batch, forwards, extra)
+
+
+def stream_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """A per-prompt tensor (B, ...) for every row of the caches (rows = streams·B, [cond; uncond]); a leading 1 is
+    shared by every row (expanded, not copied)."""
+    return x.repeat(rows // x.shape[0], *([1] * (x.dim() - 1))) if x.shape[0] > 1 else x.expand(rows, *x.shape[1:])
+
+
+def catch_up_mask(keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The drafter catch-up's mask (rows, 1, m, kv): query j of a row (at slot ``pos[r, j]``) sees the row's valid
+    slots up to its own, and always itself (a padded prefix position has nothing else); kv = the last slot + 1."""
+    kv = int(pos.max()) + 1
+    slot = torch.arange(kv, device=pos.device)
+    return ((keys[:, None, :kv] & (slot <= pos[:, :, None])) | (slot == pos[:, :, None]))[:, None]
 
 
 def round_statistics(per: list[dict], n_tok: int) -> dict:

@@ -122,7 +122,7 @@ class PhaseProfiler:
         if self._open is not None:
             self.seconds[self._open] = self.seconds.get(self._open, 0.0) + now - self._t
             self.ops[self._open] = self.ops.get(self._open, 0) + n - self._n
-        if name in ("drafter", "fused"):  # a round starts (``fused``: a static round as one call)
+        if name in ("drafter", "fused"):  # a round starts (``fused``: the whole round as one call)
             self.rounds += 1
         self._open, self._t, self._n = name, now, n
 

@@ -776,8 +776,15 @@ def tree_uniforms(trees: TreeBatch, generators, device: torch.device | str, dtyp
     a single generator or None is shared, in prompt order); ``C`` is fixed by the tree shape, so a prompt's
     draws do not depend on the batch it runs in (per-image seeds stay exact for any batch composition).
     """
-    batch, n, width = trees.children.shape
-    sizes = trees.num_nodes
+    _, n, width = trees.children.shape
+    return sibling_uniforms(trees.num_nodes, n, width, generators, device, dtype)
+
+
+def sibling_uniforms(sizes: list[int], n: int, width: int, generators, device: torch.device | str,
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`tree_uniforms` for trees of ``sizes`` nodes (padded to ``n``) with ``width`` sibling slots per
+    node (the fused round draws them before its call: models/drafters/fused_round.py)."""
+    batch = len(sizes)
     per_prompt = not (generators is None or isinstance(generators, torch.Generator))
     if not per_prompt and all(s == n for s in sizes):  # one call for the whole batch
         flat = torch.rand(batch, n * width + 1, generator=generators, device=device, dtype=dtype)

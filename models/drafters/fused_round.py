@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.drafters.acceptance import _verify_all_nodes, _verify_greedy_batch
+from models.drafters.acceptance import _verify_all_nodes, _verify_greedy_batch, sibling_uniforms
 from models.generation import GenerationStats, additive_mask
 from models.sampling import target_probs
 
@@ -78,8 +78,10 @@ def _tree_visibility(off: torch.Tensor, anc: torch.Tensor) -> torch.Tensor:
     """Which cache slots a block of tree queries sees among the round's tree slots: ``off`` (R, L) is a slot's
     offset from the row's committed length (tree slot j sits at offset j), ``anc`` (B or 1, m, T) the queries'
     ancestry over tree slots 0..T−1 (rows of a prompt's streams share it). -> (R, m, L) bool."""
+    from models.ea_model import stream_rows
+
     rows, m, span = off.shape[0], anc.shape[1], anc.shape[2]
-    anc = anc.repeat(rows // anc.shape[0], 1, 1) if anc.shape[0] > 1 else anc.expand(rows, -1, -1)
+    anc = stream_rows(anc, rows)
     inside = (off >= 0) & (off < span)
     seen = anc.gather(2, off.clamp(0, span - 1)[:, None, :].expand(-1, m, -1))
     return seen & inside[:, None, :]
@@ -154,18 +156,12 @@ def draw_round_uniforms(dec, plan: RoundPlan, active: list[int], generators, dev
                         bufs: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]) -> None:
     """Fill the round's uniforms for the active prompts, drawing exactly what the eager engine draws, in its
     order: a static builder's (:meth:`SpeculativeDecoder.tree_uniforms`), then the verifier's
-    (:func:`~models.drafters.acceptance.tree_uniforms`: n·C + 1 per prompt; one call for a shared generator)."""
+    (:func:`~models.drafters.acceptance.sibling_uniforms`: n·C + 1 per prompt)."""
     u_tree, u_sib, u_next = bufs
     idx = torch.tensor(active, device=device)
     if u_tree is not None:
         u_tree[idx] = dec.tree_uniforms(len(active), generators, device)
-    k = plan.n * plan.width
-    if generators is None or isinstance(generators, torch.Generator):
-        flat = torch.rand(len(active), k + 1, generator=generators, device=device)
-    else:
-        flat = torch.stack([torch.rand(k + 1, generator=generators[i], device=device) for i in range(len(active))])
-    u_sib[idx] = flat[:, :-1].view(len(active), plan.n, plan.width)
-    u_next[idx] = flat[:, -1]
+    u_sib[idx], u_next[idx] = sibling_uniforms([plan.n] * len(active), plan.n, plan.width, generators, device)
 
 
 def fused_supported(dec, prefix) -> bool:
@@ -185,7 +181,7 @@ def _raw(module):
 def generate_fused(dec, prefix, generator=None) -> tuple[torch.Tensor, GenerationStats]:
     """:meth:`SpeculativeDecoder.generate` with every round one :func:`speculative_round` call (compiled
     when the target is: :class:`~models.compiled.CompiledTarget`). Same outputs and statistics."""
-    from models.ea_model import round_statistics
+    from models.ea_model import catch_up_mask, round_statistics
     from models.generation import check_generators, key_validity, prefill, sample_per_prompt
     from models.token_masks import forced_positions
 
@@ -210,9 +206,8 @@ def generate_fused(dec, prefix, generator=None) -> tuple[torch.Tensor, Generatio
     # the drafter's catch-up on the prefix (its length is the prompt's): once, eagerly
     # (condition prefixes only, fused_supported: their positions carry token id 0, the last one the root)
     ids = torch.cat([torch.zeros(batch, t - 1, dtype=torch.long, device=dev), roots[:, None]], 1).repeat(streams, 1)
-    pos = torch.arange(t, device=dev)
-    dmask = (keys[:, None, :t] & (pos[None, None, :] <= pos[None, :, None])) | (pos[None, None, :] == pos[None, :, None])
-    h_root = dec._run_drafter(hidden, ids, pos.expand(rows, -1), dcache, pos.expand(rows, -1), dmask[:, None])[:, -1]
+    pos = torch.arange(t, device=dev).expand(rows, -1)
+    h_root = dec._run_drafter(hidden, ids, pos, dcache, pos, catch_up_mask(keys, pos))[:, -1]
     h_root = h_root.to(hidden.dtype).contiguous()  # the layout of the round's own output (one graph)
     lengths = torch.full((batch,), t, dtype=torch.long, device=dev)
     n_out = torch.ones(batch, dtype=torch.long, device=dev)
