@@ -31,6 +31,7 @@ from models.base_models.llamagen.gpt import (
     cache_window,
     precompute_freqs_cis_2d,
 )
+from models.base_models.merged_linear import merge_linears
 from models.drafters.kv_cache import KVCache
 
 # LANTERN's drafter configs name the target by ``input_type``; these are the grid and prefix it implies.
@@ -86,16 +87,16 @@ class DrafterAttention(nn.Module):
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        q, kv = self.n_head * self.head_dim, self.n_kv * self.head_dim
+        merge_linears(self, "qkv_proj", cfg.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv})
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, freqs, mask, cache, layer, cache_pos, kv_len):
         b, s, _ = x.shape
-        q = apply_rotary_emb(self.q_proj(x).view(b, s, self.n_head, self.head_dim), freqs).transpose(1, 2)
-        k = apply_rotary_emb(self.k_proj(x).view(b, s, self.n_kv, self.head_dim), freqs).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x)
+        q = apply_rotary_emb(q.view(b, s, self.n_head, self.head_dim), freqs).transpose(1, 2)
+        k = apply_rotary_emb(k.view(b, s, self.n_kv, self.head_dim), freqs).transpose(1, 2)
+        v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         out = attend(q, k, v, mask, cache, layer, cache_pos, kv_len)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -116,9 +117,10 @@ class ChameleonDrafterAttention(DrafterAttention):
 
         b, s, _ = x.shape
         cos, sin = freqs
-        q = self.q_norm(self.q_proj(x).view(b, s, self.n_head, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, s, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x)
+        q = self.q_norm(q.view(b, s, self.n_head, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(b, s, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, cache, layer, cache_pos, kv_len)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -126,12 +128,13 @@ class ChameleonDrafterAttention(DrafterAttention):
 class DrafterMLP(nn.Module):
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        merge_linears(self, "gate_up_proj", cfg.hidden_size,
+                      {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size})
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DrafterLayer(nn.Module):

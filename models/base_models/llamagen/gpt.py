@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.base_models.merged_linear import merge_linears
 from models.drafters.kv_cache import KVCache
 
 # Sizes as LlamaGen names them (n_layer, n_head, dim).
@@ -216,13 +217,13 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         hidden = cfg.ffn_hidden
-        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
-        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
+        merge_linears(self, "w13", cfg.dim, {"w1": hidden, "w3": hidden})  # one product; keys stay w1, w3
         self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
         self.ffn_dropout = nn.Dropout(cfg.ffn_dropout_p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        gate, up = self.w13(x)
+        return self.ffn_dropout(self.w2(F.silu(gate) * up))
 
 
 class TransformerBlock(nn.Module):
