@@ -451,7 +451,8 @@ def _profile_markdown(results: list[dict]) -> str:
                      "graph call (generated kernels, extern kernels and aten fallbacks in inductor's wrapper code, "
                      "models/compiled.py graph_launches); times are those of the setting as run.")
     lines.append("\nmatrix products: every linear / mm / addmm one round (AR: one step) computes, recorded in the eager "
-                 "op-count run and replayed alone, each with its own weights (models/profiling.py replay_products): "
+                 "op-count run and replayed alone, with one stand-in matrix per weight of the model, reused as the model "
+                 "reuses it (models/profiling.py replay_products): "
                  "the arithmetic floor of a round in AR steps, whatever dispatch and bookkeeping cost (eager rows; a "
                  "compiled round computes the same products).")
     return "\n".join(lines)

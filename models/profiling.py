@@ -39,7 +39,7 @@ class OpCounter(TorchDispatchMode):
         self.by_op: Counter = Counter()
         self.graph_calls = 0
         self.graph_launches = 0
-        # (rows, K, N, dtype, device) of every matrix product (linear / mm / addmm), for replay_products
+        # (rows, K, N, dtype, device, weight) of every matrix product (linear / mm / addmm), for replay_products
         self.products: list[tuple] | None = [] if record_products else None
 
     def add_graph_call(self, launches: int) -> None:
@@ -63,24 +63,35 @@ _PRODUCTS = {"aten.linear": (0, 1, True), "aten.mm": (0, 1, False), "aten.addmm"
 
 
 def _product_shape(func, args) -> tuple | None:
-    """(rows, K, N, dtype, device) of a matrix product call (x @ w), None for any other op."""
+    """(rows, K, N, dtype, device, weight) of a matrix product call (x @ w), None for any other op; ``weight``
+    identifies the right-hand matrix (its storage, offset, shape and strides), so that a replay multiplies by
+    one matrix per weight of the model, as the model does every step."""
     spec = _PRODUCTS.get(str(func.overloadpacket))
     if spec is None:
         return None
     x, w = args[spec[0]], args[spec[1]]
     k = x.shape[-1]
     n = w.shape[0] if spec[2] else w.shape[-1]  # linear: weight (N, K); mm: (K, N)
-    return (x.numel() // max(k, 1), k, n, x.dtype, x.device)
+    weight = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
+    return (x.numel() // max(k, 1), k, n, x.dtype, x.device, weight)
 
 
 def replay_products(products: list[tuple], repeats: int = 20) -> float:
-    """Seconds that the recorded matrix products take by themselves (median of ``repeats`` passes), each with its
-    own weight matrix, as in the model (so weights come from memory as they do there): the arithmetic floor of
-    what recorded them, whatever its dispatch or bookkeeping costs."""
+    """Seconds that the recorded matrix products take by themselves (median of ``repeats`` passes): the
+    arithmetic floor of what recorded them, whatever its dispatch or bookkeeping costs.
+
+    Each product gets fresh activations of its recorded rows and the random stand-in of its recorded weight —
+    one stand-in per weight of the model, reused wherever the model reused it (a layer's weight every step), so
+    weights come from the caches or from memory as they do in the model."""
     if not products:
         return 0.0
-    ops = [(torch.randn(m, k, dtype=dt, device=dev), torch.randn(n, k, dtype=dt, device=dev))
-           for m, k, n, dt, dev in products]
+    weights: dict[tuple, torch.Tensor] = {}
+    ops = []
+    for m, k, n, dt, dev, key in products:
+        w = weights.get(key)
+        if w is None or w.shape != (n, k):
+            w = weights[key] = torch.randn(n, k, dtype=dt, device=dev)
+        ops.append((torch.randn(m, k, dtype=dt, device=dev), w))
     sync = products[0][4].type == "cuda"
     times = []
     for _ in range(repeats):

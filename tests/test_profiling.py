@@ -9,7 +9,15 @@ import torch
 from test_batching import _demo_decoder, demo  # noqa: F401  (module fixture)
 
 from models.generation import generate_ar
-from models.profiling import ROUND_PHASES, OpCounter, PhaseProfiler, profile_ar_step, profile_speculative, spread
+from models.profiling import (
+    ROUND_PHASES,
+    OpCounter,
+    PhaseProfiler,
+    profile_ar_step,
+    profile_speculative,
+    replay_products,
+    spread,
+)
 from models.sampling import SamplingConfig
 
 SAMPLED = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0)
@@ -131,3 +139,17 @@ def test_skipping_the_tvd_measure_keeps_tokens_and_saves_verify_ops(demo):  # no
     assert torch.equal(on, off) and st_on.extra["accept_lengths"] == st_off.extra["accept_lengths"]
     assert "node_tvd_mean" in st_on.extra and "node_tvd_mean" not in st_off.extra
     assert without < 0.8 * with_tvd
+
+
+def test_recorded_products_name_their_weights():
+    """The product record identifies each weight, so a replay reuses one stand-in per weight of the model (a
+    layer's weight at every step), as the model does, instead of streaming a new matrix per call."""
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    with torch.inference_mode(), OpCounter(record_products=True) as c:
+        for _ in range(4):
+            layer(x)
+        torch.nn.Linear(16, 8)(x)
+    assert len(c.products) == 5 and all(p[:3] == (3, 16, 8) for p in c.products)
+    assert len({p[5] for p in c.products}) == 2  # the four calls of one layer share its weight
+    assert replay_products(c.products, repeats=3) > 0
