@@ -88,10 +88,9 @@ def replay_products(products: list[tuple], repeats: int = 20) -> float:
     weights: dict[tuple, torch.Tensor] = {}
     ops = []
     for m, k, n, dt, dev, key in products:
-        w = weights.get(key)
-        if w is None or w.shape != (n, k):
-            w = weights[key] = torch.randn(n, k, dtype=dt, device=dev)
-        ops.append((torch.randn(m, k, dtype=dt, device=dev), w))
+        if key not in weights:  # the key holds the matrix's shape: one stand-in per weight
+            weights[key] = torch.randn(n, k, dtype=dt, device=dev)
+        ops.append((torch.randn(m, k, dtype=dt, device=dev), weights[key]))
     sync = products[0][4].type == "cuda"
     times = []
     for _ in range(repeats):

@@ -24,9 +24,10 @@ class MergedLinear(nn.Linear):
     def __init__(self, in_features: int, parts: dict[str, int], bias: bool = False):
         super().__init__(in_features, sum(parts.values()), bias=bias)
         self.parts = dict(parts)
+        self.sizes = list(parts.values())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(super().forward(x).split(list(self.parts.values()), dim=-1))
+        return tuple(super().forward(x).split(self.sizes, dim=-1))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, parts={self.parts}"
@@ -41,14 +42,14 @@ def merge_linears(parent: nn.Module, name: str, in_features: int, parts: dict[st
     tensors = ("weight", "bias") if bias else ("weight",)
 
     def to_parts(module, state_dict, prefix, local_metadata):
-        merged = {t: state_dict[f"{prefix}{name}.{t}"].split(list(parts.values()), dim=0) for t in tensors}
+        chunks = {t: state_dict[f"{prefix}{name}.{t}"].split(merged.sizes, dim=0) for t in tensors}
         items = list(state_dict.items())
         state_dict.clear()
         for key, value in items:  # the parts take the merged layer's place: the keys keep the original order
             if key == f"{prefix}{name}.weight":
                 for i, part in enumerate(parts):  # part.weight, part.bias, next part ... as nn.Linear writes
                     for t in tensors:
-                        state_dict[f"{prefix}{part}.{t}"] = merged[t][i].clone()  # own storage (safetensors)
+                        state_dict[f"{prefix}{part}.{t}"] = chunks[t][i].clone()  # own storage (safetensors)
             elif key != f"{prefix}{name}.bias":
                 state_dict[key] = value
 
