@@ -21,7 +21,8 @@ exact), lantern (dynamic tree, δ), lantern++ (static tree, λ); keys: k, delta,
 total_token, budget (node, the default | sibling), residual (exact | original | original_lumina), static=1
 (lantern's δ on the static tree ``tree`` instead of a dynamic tree), compile (0 | 1: this setting on the
 torch.compile-d target, so eager and compiled run interleaved in one run | 2: the drafter's forward compiled
-too), tvd (1 | 0: skip measuring the realised per-node TVD, same tokens, fewer ops); tree=auto (static settings:
+too), gemm (cpp | aten: a compiled setting's matrix products on CPU, default ``--compile_gemm``; each value is
+its own compiled target, and a setting is compared with the AR compiled the same way), tvd (1 | 0: skip measuring the realised per-node TVD, same tokens, fewer ops); tree=auto (static settings:
 the tree picked by ``--tree auto``'s cost and acceptance model, calibrated in the warm-up and re-picked between
 batches). Example:
 ``lantern:delta=0.2,k=20 lantern:delta=0.2,budget=sibling lantern++:lam=5,tree=naive_extend_57``.
@@ -132,6 +133,12 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
     for key in ("budget", "residual"):  # relaxation variants (models/drafters/acceptance.py)
         if key in opts:
             out[key] = opts.pop(key)
+    if "gemm" in opts:  # the matrix products of a compiled setting on CPU (models/compiled.py CPU_GEMM_PATCHES)
+        from models.compiled import GEMM_CHOICES
+
+        out["gemm"] = opts.pop("gemm")
+        if out["gemm"] not in GEMM_CHOICES:
+            raise UserError(f"setting {text!r}: gemm is one of {', '.join(GEMM_CHOICES)}, got {out['gemm']!r}")
     for key in ("compile", "tvd"):  # compile: this setting on the compiled target; tvd=0: no per-node TVD
         if key in opts:
             flag = opts.pop(key)
@@ -144,6 +151,8 @@ def parse_setting(text: str, default_k: int, default_tree: str) -> dict:
         out["static"] = opts.pop("static") == "1"
     if opts:
         raise ValueError(f"unknown options {sorted(opts)} in {text!r}")
+    if "gemm" in out and not out.get("compile"):
+        raise UserError(f"setting {text!r}: gemm= applies to compiled settings (compile=1 or 2)")
     if name in ("lantern", "sjd+lantern") and "delta" not in out:
         raise ValueError(f"{text!r}: lantern needs delta=...")
     if name in ("lantern++", "sjd+lantern++") and "lam" not in out:
@@ -239,7 +248,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if args.compile:  # every setting, AR included, runs the same compiled target
         from models.compiled import compile_target
 
-        compile_target(family, args.compile_mode, drafter=args.compile_drafter)
+        compile_target(family, args.compile_mode, drafter=args.compile_drafter, gemm=args.compile_gemm)
     settings = [parse_setting(s, args.lantern_k, args.tree_choices) for s in args.settings]
     drafter = neighbours = None
     if any(s["name"] != "ar" and s["name"] not in JACOBI_SETTINGS for s in settings):
@@ -257,16 +266,22 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    compiled = None
+    # compile=1 settings of an eager run: one compiled target per matrix-product choice (gemm=cpp|aten)
+    gemm = {s["label"]: s.get("gemm", args.compile_gemm) for s in settings}
+    if args.compile and any(gemm[s["label"]] != args.compile_gemm for s in settings):
+        raise UserError("a setting's gemm= needs an eager run (no --compile): give the settings compile=1 instead")
+    compiled: dict = {}
     if any(s.get("compile") for s in settings) and not args.compile:
         from models.compiled import CompiledTarget, compile_target
 
         compile_target(family, args.compile_mode, check_only=True)
-        compiled = CompiledTarget(family.target, args.compile_mode)
-    targets = {s["label"]: compiled if s.get("compile") and compiled is not None else family.target for s in settings}
+        for g in dict.fromkeys(gemm[s["label"]] for s in settings if s.get("compile")):
+            compiled[g] = CompiledTarget(family.target, args.compile_mode, gemm=g)
+    targets = {s["label"]: compiled[gemm[s["label"]]] if s.get("compile") and compiled else family.target
+               for s in settings}
     for s in settings:  # compile=2: the same compiled target, with the drafter's forward compiled too
         if s.get("compile") == 2:
-            targets[s["label"]] = (compiled or family.target).with_drafter()
+            targets[s["label"]] = targets[s["label"]].with_drafter() if compiled else family.target.with_drafter()
     decoders = {s["label"]: None if s["name"] == "ar" else build_decoder(family, drafter, s, sampling, cfg_scale,
                                                                          neighbours, targets[s["label"]])
                 for s in settings}
@@ -280,18 +295,19 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     # whether each setting runs compiled, and the plain-AR setting with the same compile setting (if the run has one)
     comp = {s["label"]: bool(s.get("compile")) or args.compile for s in settings}
-    same_ar = {s["label"]: next((o["label"] for o in settings if o["name"] == "ar" and comp[o["label"]] == comp[s["label"]]),
+    comp_key = {label: (c, gemm[label] if c else None) for label, c in comp.items()}  # compiled the same way
+    same_ar = {s["label"]: next((o["label"] for o in settings if o["name"] == "ar" and comp_key[o["label"]] == comp_key[s["label"]]),
                                 None) for s in settings}
     results = []
     for bs in args.batch_size:
         chunks = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
         for s in settings:
             one(s["label"], chunks[0])  # warm-up, not timed (with --compile: the compilation)
-        if args.compile or compiled is not None:
+        if args.compile or compiled:
             from models.compiled import compile_report
 
-            print(compile_report(compiled or family.target) + f" (warm-up, batch {bs}; not in the timings)",
-                  file=sys.stderr)
+            for g, c in (compiled or {args.compile_gemm: family.target}).items():
+                print(compile_report(c) + f", gemm {g} (warm-up, batch {bs}; not in the timings)", file=sys.stderr)
         acc = {s["label"]: {"time": 0.0, "taus": [], "fwd": [], "toks": [], "depth": [], "tvd_mean": [], "tvd_max": [],
                             "per_image": [], "ratio": [], "ratio_same": []} for s in settings}
         passes = [(r, c, chunk) for r in range(args.repeats) for c, chunk in enumerate(chunks)]
@@ -383,14 +399,20 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             p["ops_round_over_ar_step"] = p["ops_per_round"] / base["ops_per_step"]
             if p.get("products_s_per_round") and base.get("products_s_per_step"):  # the arithmetic floor
                 p["products_over_ar_step"] = p["products_s_per_round"] / base["products_s_per_step"]
+    from models.profiling import describe_machine, machine_info
+
+    machine = machine_info(device)
     report = {"model": args.model, "num_images": len(prompts), "device": str(device), "dtype": str(dtype),
+              "machine": machine,
               "threads": torch.get_num_threads(), "repeats": args.repeats, "compile": args.compile,
               "compile_s": getattr(family.target, "compile_s", None), "compile_graphs": getattr(family.target, "graphs", None),
+              "compile_gemm": args.compile_gemm if args.compile else {label: g for label, g in gemm.items() if comp[label]},
               "sampling": vars(sampling), "cfg": cfg_scale,
               "command": "python main.py benchmark " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["benchmark"] else sys.argv[1:]),
               "results": results}
     (out / "benchmark.json").write_text(json.dumps(report, indent=2))
-    table = _markdown(results)
+    table = f"measured on: {describe_machine(machine)}, {torch.get_num_threads()} intra-op thread(s)\n\n"
+    table += _markdown(results)
     if not args.no_profile:
         table += "\n\n" + _profile_markdown(results)
     (out / "benchmark.md").write_text(table + "\n")
@@ -550,10 +572,14 @@ def run_verify_cost(args: argparse.Namespace) -> dict:
                 ratios[n].append(lap[n] / lap[1])
     res = {n: spread(v) for n, v in times.items()}
     rel = {n: spread(v) for n, v in ratios.items()}
+    from models.profiling import describe_machine, machine_info
+
     report = {"model": args.model, "context": ctx, "threads": torch.get_num_threads(), "laps": args.repeats * 10,
+              "machine": machine_info(device),
               "seconds": {n: v["median"] for n, v in res.items()}, "seconds_spread": res,
               "relative_to_ar_step": {n: v["median"] for n, v in rel.items()}, "relative_spread": rel,
               "aten_ops": ops}
+    print(f"measured on: {describe_machine(report['machine'])}, {torch.get_num_threads()} intra-op thread(s)\n")
     print("| tree nodes | time (ms), median [IQR] | × one AR step, median [IQR] (same lap) | aten ops |\n|---|---|---|---|")
     for n in sizes:
         t_, q = res[n], rel[n]

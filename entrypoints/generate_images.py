@@ -230,7 +230,7 @@ def run_generate_image(args: argparse.Namespace) -> dict:
     if args.compile:
         from models.compiled import compile_target
 
-        compile_target(family, args.compile_mode, drafter=args.compile_drafter)
+        compile_target(family, args.compile_mode, drafter=args.compile_drafter, gemm=args.compile_gemm)
     decoder = None
     if args.model_type in ("eagle", "sjd"):
         from models.ea_model import build_speculative_decoder

@@ -26,7 +26,9 @@ of the one-layer drafter costs about what its eager ops cost (dynamo's guards an
 call), measured in the README's "--compile" section.
 
 On CPU inductor's C++ wrapper is used (``cpp_wrapper``): the python wrapper's per-call overhead was a large
-part of a compiled demo step. Op counting (:class:`~models.profiling.OpCounter`) sees a compiled call as the
+part of a compiled demo step. Also on CPU, by default (``--compile_gemm cpp``), the weights are frozen into each
+graph and its matrix products are inductor's C++ GEMM template instead of a BLAS call per product
+(:data:`CPU_GEMM_PATCHES`); ``--compile_gemm aten`` keeps the library. Op counting (:class:`~models.profiling.OpCounter`) sees a compiled call as the
 kernel launches of its graph (:func:`graph_launches`).
 
 ``mode="reduce-overhead"`` (CUDA graphs) is offered for CUDA; it cannot be tested on this project's CPU machines.
@@ -43,6 +45,22 @@ import torch
 
 from models.drafters.kv_cache import KVCache
 from models.generation import ar_step
+
+# ``gemm="cpp"`` on CPU: inductor freezes the weights (they become constants of the graph, packed once at
+# compile time) and computes every product with its C++ GEMM template (micro-kernels generated for the product's
+# fixed shape, with the following pointwise ops fused in) instead of calling the BLAS library per product. On the
+# demo's small products (2-56 rows by 128-1024 columns) the library's per-call cost dominates: the template took
+# half its time in inductor's own benchmark of every shape (README "--compile"). Only the CPP backend is
+# offered, so no shape is autotuned (autotuning against the library added ~3.5 s of compilation per shape).
+# Frozen weights: a graph keeps the values it was compiled with (another module is another graph; weights
+# changed in place after compilation are not seen) -- decoding never changes them.
+CPU_GEMM_PATCHES = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+GEMM_CHOICES = ("cpp", "aten")
+
+
+def check_gemm(gemm: str) -> None:
+    if gemm not in GEMM_CHOICES:
+        raise ValueError(f"unknown gemm {gemm!r}: one of {', '.join(GEMM_CHOICES)}")
 
 
 class CompileCounter:
@@ -62,6 +80,7 @@ class CompileCounter:
         self.inner, self.graphs = inner, 0
         self.last_launches: int | None = None
         self.launches: list[int | None] = []  # per compiled graph
+        self.sources: list[str | None] = []  # per compiled graph: inductor's generated wrapper code
 
     def __call__(self, gm, example_inputs):
         self.graphs += 1
@@ -73,8 +92,10 @@ class CompileCounter:
         # costs about as much as a small graph's kernels (measured: README "--compile")
         cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
         compiled = compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": True} if cpu else None)
-        n = graph_launches(getattr(compiled, "source_code", None))
+        source = _graph_source(compiled)
+        n = graph_launches(source)
         self.launches.append(n)
+        self.sources.append(source)
 
         def run(*args):
             self.last_launches = n
@@ -90,6 +111,33 @@ _LAUNCH_PY = re.compile(r"^(?:\w+(?:, \w+)* = )?(?:cpp_fused_\w+|\w+\.run|extern
 # C++ wrapper (``inductor_entry_impl``): kernel calls, aoti shims of aten ops, dispatcher fallbacks
 _LAUNCH_CPP = re.compile(r"^(?:AOTI_TORCH_ERROR_CODE_CHECK\()?(?:cpp_fused_\w+|call_triton_\w+|aoti_torch_cpu_\w+"
                          r"|aoti_torch_cuda_\w+|aoti_torch_call_dispatcher|aoti_torch_proxy_executor_call_function)\(")
+
+
+def _graph_source(compiled, depth: int = 6) -> str | None:
+    """The generated wrapper code of what ``compile_fx`` returned: its ``source_code``, or, when it returned a
+    wrapper function (frozen weights: :data:`CPU_GEMM_PATCHES`), that of the compiled graph the wrapper holds
+    (searched through closures and attributes, a few levels deep)."""
+    todo, seen = [(compiled, 0)], set()
+    while todo:
+        obj, d = todo.pop()
+        if id(obj) in seen or d > depth:
+            continue
+        seen.add(id(obj))
+        source = getattr(obj, "source_code", None)
+        if isinstance(source, str):
+            return source
+        todo += [(c.cell_contents, d + 1) for c in getattr(obj, "__closure__", None) or () if _filled(c)]
+        if hasattr(obj, "__dict__") and not isinstance(obj, type):
+            todo += [(v, d + 1) for v in vars(obj).values()]
+    return None
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 (an empty cell raises)
+    except ValueError:
+        return False
+    return True
 
 
 def graph_launches(source: str | None) -> int | None:
@@ -130,9 +178,11 @@ class _CompiledFn:
     and adds the graph's kernel launches to the counter instead.
     """
 
-    def __init__(self, fn, mode: str | None, backend: str):
+    def __init__(self, fn, mode: str | None, backend: str, gemm: str = "cpp"):
         if mode not in (None, "default", "reduce-overhead", "max-autotune"):
             raise ValueError(f"unknown torch.compile mode {mode!r}")
+        check_gemm(gemm)
+        self.gemm, self.backend = gemm, backend
         if mode in (None, "default"):  # inductor (or eager, for tests) through a counting backend
             self.counter: CompileCounter | None = CompileCounter(backend)
             self.fn = torch.compile(fn, backend=self.counter, dynamic=False)
@@ -156,7 +206,12 @@ class _CompiledFn:
         if key in self._seen or ops is not None:  # under a dispatch mode dynamo runs the frame eagerly: no compile
             return self.fn(*args)
         t0 = time.perf_counter()
-        out = self.fn(*args)
+        cpu = all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor))
+        if cpu and self.gemm == "cpp" and self.backend == "inductor":  # read by dynamo (weights as constants)
+            with torch._inductor.config.patch(CPU_GEMM_PATCHES):  # and by inductor while it compiles
+                out = self.fn(*args)
+        else:
+            out = self.fn(*args)
         self.compile_s += time.perf_counter() - t0
         self._seen.add(key)
         return out
@@ -172,16 +227,19 @@ class CompiledTarget:
     apart).
     """
 
-    def __init__(self, target, mode: str | None = None, backend: str = "inductor", drafter: bool = False):
+    def __init__(self, target, mode: str | None = None, backend: str = "inductor", drafter: bool = False,
+                 gemm: str = "cpp"):
         self._target, self._mode, self._backend, self._compile_drafter = target, mode, backend, drafter
+        check_gemm(gemm)
+        self.gemm = gemm
         # one graph per decoding setting of the speculative round (acceptance rule, sampler, tree): the benchmark
         # compares many settings in one process, more than dynamo's default of 8 graphs per function
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._run = _CompiledFn(target.forward_hidden, mode, backend)
-        self._step = _CompiledFn(functools.partial(ar_step, target), mode, backend)
+        self._run = _CompiledFn(target.forward_hidden, mode, backend, gemm)
+        self._step = _CompiledFn(functools.partial(ar_step, target), mode, backend, gemm)
         from models.drafters.fused_round import speculative_round
 
-        self._round = _CompiledFn(speculative_round, mode, backend)  # a speculative round, whole (fused_round)
+        self._round = _CompiledFn(speculative_round, mode, backend, gemm)  # a round, whole (fused_round)
         self._drafters: dict[int, CompiledDrafter] = {}
 
     def with_drafter(self, drafter: bool = True) -> CompiledTarget:
@@ -223,7 +281,7 @@ class CompiledTarget:
         if not self._compile_drafter:
             return None
         if id(drafter) not in self._drafters:
-            self._drafters[id(drafter)] = CompiledDrafter(drafter, self._mode, self._backend)
+            self._drafters[id(drafter)] = CompiledDrafter(drafter, self._mode, self._backend, self.gemm)
         return self._drafters[id(drafter)]
 
     def forward_hidden(self, h, rope_pos, cache=None, cache_pos=None, attn_mask=None):
@@ -275,9 +333,9 @@ class CompiledDrafter:
     see them), attend only to themselves, and their outputs are dropped.
     """
 
-    def __init__(self, drafter, mode: str | None = None, backend: str = "inductor"):
+    def __init__(self, drafter, mode: str | None = None, backend: str = "inductor", gemm: str = "cpp"):
         self._drafter = drafter
-        self._run = _CompiledFn(drafter.forward, mode, backend)
+        self._run = _CompiledFn(drafter.forward, mode, backend, gemm)
 
     @property
     def graphs(self) -> int | None:
@@ -320,7 +378,7 @@ def drafter_q_buckets(tree_cfg, template=None) -> tuple[int, ...]:
 
 
 def compile_target(family, mode: str | None = None, check_only: bool = False,
-                   drafter: bool = False) -> CompiledTarget | None:
+                   drafter: bool = False, gemm: str = "cpp") -> CompiledTarget | None:
     """Replace ``family.target`` by its compiled wrapper (idempotent); families with other caches are refused.
     ``check_only``: only refuse (the caller wraps the target itself). ``drafter``: decoders built on it compile
     the drafter's forward too."""
@@ -334,7 +392,7 @@ def compile_target(family, mode: str | None = None, check_only: bool = False,
                         f"{type(family.target).__name__} has {type(probe).__name__}: run without --compile")
     if check_only:
         return None
-    family.target = CompiledTarget(family.target, mode, drafter=drafter)
+    family.target = CompiledTarget(family.target, mode, drafter=drafter, gemm=gemm)
     return family.target
 
 
@@ -357,6 +415,10 @@ def add_compile_args(parser) -> None:
                         "counts padded to the tree's level sizes); off by default: on the CPU demo it is slower")
     parser.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                         help="torch.compile mode; reduce-overhead = CUDA graphs (CUDA only, untested here)")
+    parser.add_argument("--compile_gemm", default="cpp", choices=list(GEMM_CHOICES),
+                        help="matrix products of compiled graphs on CPU: cpp (default: weights frozen into the graph, "
+                        "inductor's C++ GEMM template, faster on small products) or aten (the BLAS library per "
+                        "product); ignored on CUDA")
 
 
 def compile_report(target) -> str | None:

@@ -142,6 +142,40 @@ class PhaseProfiler:
         return {p: table.get(p, 0) / r for p in ROUND_PHASES}
 
 
+def machine_info(device: torch.device) -> dict:
+    """What a timing was measured on: the CPU's model name, its logical cores and widest vector extension
+    (the demo's small products are bound by it), torch's version, and the GPU's name on CUDA. Benchmarks record
+    it because sessions land on different machines and ratios move with them (README "Measuring")."""
+    import os
+    import platform
+
+    cpu, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:  # the first processor's entries
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "model name" and cpu is None:
+                    cpu = value
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:  # not Linux: the platform's name only
+        pass
+    cpu = cpu or platform.processor() or platform.machine()
+    isa = next((name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                                       ("avx", "AVX")) if flag in flags), None)
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "cpu_isa": isa, "torch": torch.__version__}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def describe_machine(info: dict) -> str:
+    """One line: ``AMD EPYC (2 cores, AVX2), torch 2.x`` (+ the GPU)."""
+    isa = f", {info['cpu_isa']}" if info.get("cpu_isa") else ""
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
+    return f"{info['cpu']} ({info['cpu_cores']} cores{isa}){gpu}, torch {info['torch']}"
+
+
 def spread(values: list[float]) -> dict[str, float]:
     """Median, quartiles (IQR), min and max of a sample (the quartiles equal the value for one value)."""
     vals = sorted(values)

@@ -83,6 +83,51 @@ def test_inductor_compiled_target_decodes_like_eager_and_never_recompiles():
     assert compiled.graphs == graphs
 
 
+@pytest.mark.slow
+def test_cpu_gemm_template_freezes_weights_and_decodes_like_the_library():
+    """--compile_gemm cpp (the CPU default): weights frozen into the graph, every product inductor's C++ GEMM
+    template (no BLAS call left in the wrapper); the same tokens as eager and as --compile_gemm aten, launches
+    still counted, and another model of the same shapes gets its own graph (its weights are not the first's)."""
+    torch._dynamo.reset()
+    model, io = _fixture_gpt("c2i")
+    drafter = _random_drafter(model, 0)
+    first, second = _prefixes(model, io)
+    cpp, lib = CompiledTarget(model, gemm="cpp"), CompiledTarget(model, gemm="aten")
+    for tree in (None, CHAIN):
+        for sampling in (GREEDY, SAMPLED):
+            want = _decode(model, drafter, first, sampling, tree, 3)
+            assert torch.equal(_decode(cpp, drafter, first, sampling, tree, 3), want), (tree, sampling)
+            assert torch.equal(_decode(lib, drafter, first, sampling, tree, 3), want), (tree, sampling)
+    for compiled, gemm in ((cpp, "cpp"), (lib, "aten")):
+        for fn in (compiled._step, compiled._round):
+            assert fn.counter.sources and all(n for n in fn.counter.launches), gemm
+            for source in fn.counter.sources:
+                assert ("aoti_torch_cpu_mm_out" in source) == (gemm == "aten"), gemm
+                assert ("_frozen_param" in source) == (gemm == "cpp"), gemm
+    other, _ = _fixture_gpt("c2i")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    step_graphs = cpp._step.counter.graphs
+    twin = CompiledTarget(other, gemm="cpp")
+    want = _decode(other, drafter, second, SAMPLED, None, 5)
+    assert torch.equal(_decode(twin, drafter, second, SAMPLED, None, 5), want)
+    assert twin._step.counter.graphs == 1 and cpp._step.counter.graphs == step_graphs
+
+
+def test_gemm_choice_is_checked_and_needs_a_compiled_setting():
+    from entrypoints.benchmark import parse_setting
+    from entrypoints.common import UserError
+
+    assert parse_setting("ar:compile=1,gemm=aten", 20, "chain_6")["gemm"] == "aten"
+    with pytest.raises(UserError, match="gemm is one of cpp, aten"):
+        parse_setting("ar:compile=1,gemm=mkl", 20, "chain_6")
+    with pytest.raises(UserError, match="applies to compiled settings"):
+        parse_setting("lantern++:lam=20,gemm=cpp", 20, "chain_6")
+    with pytest.raises(ValueError, match="unknown gemm"):
+        CompiledTarget(_fixture_gpt("c2i")[0], gemm="blas")
+
+
 def test_exponential_noise_argmax_draws_what_torch_multinomial_draws():
     """The AR step samples ``argmax(p / q)`` with ``q`` from :func:`draw_noise`: the same tokens as
     ``torch.multinomial(p, 1, generator)`` from the same generator state (shared generator over a batch, one
@@ -283,11 +328,15 @@ def test_benchmark_runs_eager_and_compiled_settings_interleaved(tmp_path):
 
     cli.main(["benchmark", "--num_images", "2", "--repeats", "1", "--output_dir", str(tmp_path), "--settings", "ar",
               "ar:compile=1", "lantern++:lam=20,tree=chain_6", "lantern++:lam=20,tree=chain_6,compile=1",
-              "lantern++:lam=20,tree=chain_6,compile=2"])
+              "lantern++:lam=20,tree=chain_6,compile=2", "ar:compile=1,gemm=aten"])
     report = json.loads((tmp_path / "benchmark.json").read_text())
     rows = {r["setting"]: r for r in report["results"]}
     assert rows["ar:compile=1"]["compiled"] and not rows["ar"]["compiled"]
     assert rows["ar:compile=1"]["speedup_vs_ar_same_compile"] == 1.0
+    # each matrix-product choice is its own compiled target, compared with the AR compiled the same way
+    assert rows["ar:compile=1,gemm=aten"]["speedup_vs_ar_same_compile"] == 1.0
+    assert rows["ar:compile=1,gemm=aten"]["tau"] == 1 and rows["ar:compile=1,gemm=aten"]["compiled"]
+    assert report["compile_gemm"]["ar:compile=1"] == "cpp" and report["compile_gemm"]["ar:compile=1,gemm=aten"] == "aten"
     for eager, comp in (("ar", "ar:compile=1"), ("lantern++:lam=20,tree=chain_6",
                                                   "lantern++:lam=20,tree=chain_6,compile=1")):
         assert rows[eager]["tau"] == rows[comp]["tau"] and rows[eager]["accuracy"] == rows[comp]["accuracy"]
@@ -306,5 +355,5 @@ def test_compile_drafter_flag_implies_compile():
     parser = argparse.ArgumentParser()
     add_compile_args(parser)
     assert vars(parser.parse_args(["--compile_drafter"])) == {"compile": True, "compile_drafter": True,
-                                                               "compile_mode": "default"}
+                                                               "compile_mode": "default", "compile_gemm": "cpp"}
     assert not parser.parse_args(["--compile"]).compile_drafter

@@ -66,7 +66,9 @@ def test_benchmark_reports_tau_speed_and_accuracy(tmp_path):
     for r in rows.values():
         assert 0 <= r["accuracy"] <= 1 and r["latency_s"] > 0
     assert rows["eagle2"]["target_forwards"] < 64
-    assert (tmp_path / "benchmark.md").read_text().startswith("| setting |")
+    md = (tmp_path / "benchmark.md").read_text()
+    assert md.startswith(f"measured on: {report['machine']['cpu']}") and "\n| setting |" in md
+    assert report["machine"]["cpu_cores"] >= 1
 
 
 def test_benchmark_rejects_unknown_settings(capsys):

@@ -153,3 +153,14 @@ def test_recorded_products_name_their_weights():
     assert len(c.products) == 5 and all(p[:3] == (3, 16, 8) for p in c.products)
     assert len({p[5] for p in c.products}) == 2  # the four calls of one layer share its weight
     assert replay_products(c.products, repeats=3) > 0
+
+
+def test_machine_info_names_the_cpu_its_cores_and_vector_extension():
+    from models.profiling import describe_machine, machine_info
+
+    info = machine_info(torch.device("cpu"))
+    assert info["cpu"] and info["cpu_cores"] >= 1 and info["torch"] == torch.__version__
+    assert info["cpu_isa"] in (None, "AMX", "AVX-512", "AVX2", "AVX")
+    line = describe_machine(info)
+    assert line.startswith(info["cpu"]) and f"{info['cpu_cores']} cores" in line and torch.__version__ in line
+    assert describe_machine({**info, "cpu_isa": None, "gpu": "X"}).count("GPU X") == 1
