@@ -115,6 +115,22 @@ def test_cpu_gemm_template_freezes_weights_and_decodes_like_the_library():
     assert twin._step.counter.graphs == 1 and cpp._step.counter.graphs == step_graphs
 
 
+@pytest.mark.slow
+def test_cpu_gemm_falls_back_to_the_library_where_the_template_has_no_kernel():
+    """A product the template does not cover (float64) compiles with the library's products, with a warning,
+    and computes the same."""
+    from models.compiled import _CompiledFn
+
+    torch._dynamo.reset()
+    layer = torch.nn.Linear(64, 32, dtype=torch.float64)
+    fn = _CompiledFn(lambda mod, x: mod(x).softmax(-1), None, "inductor", "cpp")
+    x = torch.randn(3, 64, dtype=torch.float64)
+    with torch.inference_mode():
+        with pytest.warns(UserWarning, match="compiling it with the BLAS library"):
+            got = fn("k", layer, x)
+        assert torch.allclose(got, layer(x).softmax(-1), atol=1e-12) and fn.gemm == "aten"
+
+
 def test_gemm_choice_is_checked_and_needs_a_compiled_setting():
     from entrypoints.benchmark import parse_setting
     from entrypoints.common import UserError
