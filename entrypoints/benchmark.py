@@ -281,7 +281,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                for s in settings}
     for s in settings:  # compile=2: the same compiled target, with the drafter's forward compiled too
         if s.get("compile") == 2:
-            targets[s["label"]] = targets[s["label"]].with_drafter() if compiled else family.target.with_drafter()
+            targets[s["label"]] = targets[s["label"]].with_drafter()
     decoders = {s["label"]: None if s["name"] == "ar" else build_decoder(family, drafter, s, sampling, cfg_scale,
                                                                          neighbours, targets[s["label"]])
                 for s in settings}
@@ -399,7 +399,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             p["ops_round_over_ar_step"] = p["ops_per_round"] / base["ops_per_step"]
             if p.get("products_s_per_round") and base.get("products_s_per_step"):  # the arithmetic floor
                 p["products_over_ar_step"] = p["products_s_per_round"] / base["products_s_per_step"]
-    from models.profiling import describe_machine, machine_info
+    from models.profiling import machine_info
 
     machine = machine_info(device)
     report = {"model": args.model, "num_images": len(prompts), "device": str(device), "dtype": str(dtype),
@@ -411,7 +411,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
               "command": "python main.py benchmark " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["benchmark"] else sys.argv[1:]),
               "results": results}
     (out / "benchmark.json").write_text(json.dumps(report, indent=2))
-    table = f"measured on: {describe_machine(machine)}, {torch.get_num_threads()} intra-op thread(s)\n\n"
+    table = _measured_on(machine) + "\n\n"
     table += _markdown(results)
     if not args.no_profile:
         table += "\n\n" + _profile_markdown(results)
@@ -478,6 +478,13 @@ def _profile_markdown(results: list[dict]) -> str:
                  "the arithmetic floor of a round in AR steps, whatever dispatch and bookkeeping cost (eager rows; a "
                  "compiled round computes the same products).")
     return "\n".join(lines)
+
+
+def _measured_on(machine: dict) -> str:
+    """The first line of a benchmark's table: the machine and the intra-op threads the timings ran with."""
+    from models.profiling import describe_machine
+
+    return f"measured on: {describe_machine(machine)}, {torch.get_num_threads()} intra-op thread(s)"
 
 
 def _markdown(results: list[dict]) -> str:
@@ -572,14 +579,14 @@ def run_verify_cost(args: argparse.Namespace) -> dict:
                 ratios[n].append(lap[n] / lap[1])
     res = {n: spread(v) for n, v in times.items()}
     rel = {n: spread(v) for n, v in ratios.items()}
-    from models.profiling import describe_machine, machine_info
+    from models.profiling import machine_info
 
     report = {"model": args.model, "context": ctx, "threads": torch.get_num_threads(), "laps": args.repeats * 10,
               "machine": machine_info(device),
               "seconds": {n: v["median"] for n, v in res.items()}, "seconds_spread": res,
               "relative_to_ar_step": {n: v["median"] for n, v in rel.items()}, "relative_spread": rel,
               "aten_ops": ops}
-    print(f"measured on: {describe_machine(report['machine'])}, {torch.get_num_threads()} intra-op thread(s)\n")
+    print(_measured_on(report["machine"]) + "\n")
     print("| tree nodes | time (ms), median [IQR] | × one AR step, median [IQR] (same lap) | aten ops |\n|---|---|---|---|")
     for n in sizes:
         t_, q = res[n], rel[n]

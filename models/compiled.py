@@ -126,18 +126,14 @@ def _graph_source(compiled, depth: int = 6) -> str | None:
         source = getattr(obj, "source_code", None)
         if isinstance(source, str):
             return source
-        todo += [(c.cell_contents, d + 1) for c in getattr(obj, "__closure__", None) or () if _filled(c)]
+        for cell in getattr(obj, "__closure__", None) or ():
+            try:
+                todo.append((cell.cell_contents, d + 1))
+            except ValueError:  # an empty cell
+                pass
         if hasattr(obj, "__dict__") and not isinstance(obj, type):
             todo += [(v, d + 1) for v in vars(obj).values()]
     return None
-
-
-def _filled(cell) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018 (an empty cell raises)
-    except ValueError:
-        return False
-    return True
 
 
 def graph_launches(source: str | None) -> int | None:
@@ -250,8 +246,7 @@ class CompiledTarget:
     def __init__(self, target, mode: str | None = None, backend: str = "inductor", drafter: bool = False,
                  gemm: str = "cpp"):
         self._target, self._mode, self._backend, self._compile_drafter = target, mode, backend, drafter
-        check_gemm(gemm)
-        self.gemm = gemm
+        self.gemm = gemm  # checked by _CompiledFn
         # one graph per decoding setting of the speculative round (acceptance rule, sampler, tree): the benchmark
         # compares many settings in one process, more than dynamo's default of 8 graphs per function
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
