@@ -54,8 +54,9 @@ from models.generation import (
     prefill,
     prompt_generator,
     sample_per_prompt,
+    tile_rows,
 )
-from models.sampling import SamplingConfig, cfg_combine, target_probs
+from models.sampling import SamplingConfig, cast, cfg_combine, target_probs
 from models.token_masks import PositionalTokenMask, apply_allowed_tokens, forced_positions
 
 
@@ -175,10 +176,10 @@ class SpeculativeDecoder:
         ``index``: image-token index each logit row predicts (needed by per-position masks, e.g. Lumina's
         forced newline/end tokens; the same mask for drafter and verifier makes a forced position a point mass).
         """
-        return apply_allowed_tokens(cfg_combine(logits.float(), self.cfg_scale), self.allowed_tokens, index)
+        return apply_allowed_tokens(cfg_combine(cast(logits, torch.float32), self.cfg_scale), self.allowed_tokens, index)
 
     def _draft_logits(self, feats: torch.Tensor, index=None) -> torch.Tensor:
-        return self._combine(self.target.lm_head(feats.to(self.target.lm_head.weight.dtype)), index)
+        return self._combine(self.target.lm_head(cast(feats, self.target.lm_head.weight.dtype)), index)
 
     def _draft_q(self, logits: torch.Tensor) -> torch.Tensor:
         """Drafter distribution Q for sampled (static) drafts: the target's sampler settings, optional top-k."""
@@ -191,9 +192,9 @@ class SpeculativeDecoder:
         rows = feats.shape[0]
         ids = ids.expand(rows, -1) if ids.shape[0] == 1 else ids
         if self._compiled_drafter is not None:
-            return self._compiled_drafter(feats.to(self.drafter_dtype), ids, rope_pos, cache, cache_pos, mask,
+            return self._compiled_drafter(cast(feats, self.drafter_dtype), ids, rope_pos, cache, cache_pos, mask,
                                           self._q_buckets)
-        return self.drafter(feats.to(self.drafter_dtype), ids, rope_pos, cache, cache_pos, mask)
+        return self.drafter(cast(feats, self.drafter_dtype), ids, rope_pos, cache, cache_pos, mask)
 
     # ------------------------------------------------------------------------------------------ trees
     # Both builders grow the trees of every prompt of the batch at once and feed each level to the drafter
@@ -243,7 +244,7 @@ class SpeculativeDecoder:
             if fed:
                 new_rows[:, :, :fed] = anc[b_idx, front_anc_parent, :fed]
             new_rows[:, :, fed:] = eye
-            out = feed(front_feat, front_tok.repeat(streams, 1), d, fed, new_rows)  # (rows, k, H)
+            out = feed(front_feat, tile_rows(front_tok, streams), d, fed, new_rows)  # (rows, k, H)
             logp = torch.log_softmax(self._draft_logits(out, base[:, None] + d if self._needs_index else None),
                                      dim=-1)  # (B, k, V)
             child = torch.topk(logp, k, dim=-1)  # (B, k, k)
@@ -256,7 +257,7 @@ class SpeculativeDecoder:
             par_local = best // k
             front_idx = n_cand + best
             front_tok, front_score = child_tok.gather(1, best), cum.gather(1, best)
-            front_feat = out[row_idx, par_local.repeat(streams, 1)]
+            front_feat = out[row_idx, tile_rows(par_local, streams)]
             front_anc_parent = fed + par_local
             n_cand += k * k
         tokens, parents, scores = torch.cat(tokens, 1), torch.cat(parents, 1), torch.cat(scores, 1)
@@ -316,7 +317,7 @@ class SpeculativeDecoder:
         for d, lv in enumerate(plan["levels"]):
             lo, hi = lv["lo"], lv["hi"]
             if d > 0:  # feed this level's nodes to get their features and Q
-                node_out[:, lo:hi] = feed(node_out[:, lv["parents"]], tokens[:, lo:hi].repeat(streams, 1), d, lo - 1,
+                node_out[:, lo:hi] = feed(node_out[:, lv["parents"]], tile_rows(tokens[:, lo:hi], streams), d, lo - 1,
                                           lv["sub"][None])
             index = base[:, None] + d if self._needs_index else None
             q_level = self._draft_q(self._draft_logits(node_out[:, lo:hi], index))
@@ -382,14 +383,17 @@ class SpeculativeDecoder:
         last_tokens = roots  # (active,) the root of the next round: the last committed token
         forced_host = forced.tolist()
         lengths = torch.full((batch,), t, dtype=torch.long, device=dev)  # committed target length = root position
+        lengths_host = [t] * batch  # the same on the host (from the verdicts the round reads anyway)
+        # a chain's accepted path is nodes 0..a: at the committed length already when the tree starts there
+        chain = self.template is not None and self.template.num_nodes == self.template.max_depth + 1
         # drafter inputs (per row): features at positions [dlen, dlen + pend_len) with the token of the following
         # position; condition positions carry token id 0, as in LANTERN's training data
         pend_feat = hidden
         if prefix.token_ids is not None:  # token prefixes (Chameleon): f_t is paired with the real x_{t+1}
-            pend_ids = torch.cat([prefix.token_ids[:, 1:], roots.repeat(streams)[:, None]], dim=1)
+            pend_ids = torch.cat([prefix.token_ids[:, 1:], tile_rows(roots, streams)[:, None]], dim=1)
         else:
-            pend_ids = torch.cat([torch.zeros(batch, t - 1, dtype=torch.long, device=dev),
-                                  roots[:, None]], dim=1).repeat(streams, 1)
+            pend_ids = tile_rows(torch.cat([torch.zeros(batch, t - 1, dtype=torch.long, device=dev),
+                                            roots[:, None]], dim=1), streams)
         pend_len = torch.full((batch,), t, dtype=torch.long, device=dev)
         dlen = torch.zeros(batch, dtype=torch.long, device=dev)
         per = [{"accept_lengths": [], "attempted": [], "accepted": [], "image_counts": [], "node_tvd": []}
@@ -404,9 +408,12 @@ class SpeculativeDecoder:
             gens = generator if generator is None or isinstance(generator, torch.Generator) else [
                 generator[b] for b in active]
             rows = keys.shape[0]
-            slot0 = int(lengths.max())
-            pos_rows = lengths.repeat(streams)
-            prefix_keys = keys[:, :slot0] & (torch.arange(slot0, device=dev) < pos_rows[:, None])
+            slot0 = max(lengths_host)
+            level = all(n == slot0 for n in lengths_host)  # every prompt's tree starts at its committed length
+            pos_rows = tile_rows(lengths, streams)
+            prefix_keys = keys[:, :slot0]
+            if not level:
+                prefix_keys = prefix_keys & (torch.arange(slot0, device=dev) < pos_rows[:, None])
             if self.proposer is not None:  # 1-2. drafter-free chains (SJD): the previous iteration's predictions
                 proposals = self.proposer.propose(active, last_tokens, [n_out[b] for b in active],
                                                   [n_tok - n_out[b] for b in active], gens,
@@ -415,9 +422,9 @@ class SpeculativeDecoder:
             else:
                 # 1. drafter catch-up, every row at its own slots/positions dlen + j (padded entries are discarded)
                 m = pend_ids.shape[1]
-                pos = dlen.repeat(streams)[:, None] + torch.arange(m, device=dev)  # (rows, m)
+                pos = tile_rows(dlen, streams)[:, None] + torch.arange(m, device=dev)  # (rows, m)
                 h_d = self._run_drafter(pend_feat, pend_ids, pos, dcache, pos, catch_up_mask(keys, pos))
-                last = (pend_len - 1).repeat(streams)
+                last = tile_rows(pend_len - 1, streams)
                 h_root = h_d[torch.arange(rows, device=dev), last][:, None]  # (rows, 1, H)
                 dlen = lengths.clone()
                 if prof is not None:
@@ -434,10 +441,10 @@ class SpeculativeDecoder:
             tok, dep = trees.tokens, trees.depths
             n = tok.shape[1]
             mask = torch.cat([prefix_keys[:, None, None, :].expand(-1, 1, n, -1),
-                              trees.tree_mask.repeat(streams, 1, 1)[:, None]], dim=-1)
+                              tile_rows(trees.tree_mask, streams)[:, None]], dim=-1)
             slots = torch.arange(slot0, slot0 + n, device=dev)
-            emb = target.embed_tokens(tok.repeat(streams, 1))
-            h_t = target.forward_hidden(emb, pos_rows[:, None] + dep.repeat(streams, 1), tcache, slots,
+            emb = target.embed_tokens(tile_rows(tok, streams))
+            h_t = target.forward_hidden(emb, pos_rows[:, None] + tile_rows(dep, streams), tcache, slots,
                                         additive_mask(mask, emb.dtype))
             forwards += 1
             # (B, n) image-token index of every node
@@ -461,8 +468,9 @@ class SpeculativeDecoder:
             a_max = max(accept_host) + 1
             path = res.path[:, :a_max]  # (B, a_max), padded by repeating the last node
             new_ids = res.emitted[:, :a_max]  # accepted drafts + next token, padded by repeating the next token
-            steps = torch.minimum(torch.arange(a_max, device=dev), res.accept_len[:, None])
-            tcache.commit_rows((slot0 + path).repeat(streams, 1), (lengths[:, None] + steps).repeat(streams, 1))
+            if not (chain and level):  # (a chain's path at the committed length is in place: nothing moves)
+                steps = torch.minimum(torch.arange(a_max, device=dev), res.accept_len[:, None])
+                tcache.commit_rows(tile_rows(slot0 + path, streams), tile_rows(lengths[:, None] + steps, streams))
             act = torch.tensor(active, device=dev) if len(active) < batch else torch.arange(batch, device=dev)
             # the padding past a prompt's new tokens lands where its next round writes (the buffer has room)
             out_tokens[act[:, None], n_out_rows[:, None] + torch.arange(a_max, device=dev)] = new_ids
@@ -470,10 +478,11 @@ class SpeculativeDecoder:
             for b, a in zip(active, accept_host):
                 per[b]["image_counts"].append(a + 1 - sum(forced_host[n_out[b] : n_out[b] + a + 1]))
                 n_out[b] += a + 1
-            pend_feat = h_t[torch.arange(rows, device=dev)[:, None], path.repeat(streams, 1)]
-            pend_ids = new_ids.repeat(streams, 1)
+            pend_feat = h_t[torch.arange(rows, device=dev)[:, None], tile_rows(path, streams)]
+            pend_ids = tile_rows(new_ids, streams)
             pend_len = res.accept_len + 1
             lengths = lengths + pend_len
+            lengths_host = [n + a + 1 for n, a in zip(lengths_host, accept_host)]
             n_out_rows = n_out_rows + pend_len
             last_tokens = res.next_token
             # finished prompts drop out: their rows leave the caches and every per-row tensor
@@ -486,6 +495,7 @@ class SpeculativeDecoder:
                         cache.select_batch(krows)
                 keys, pend_feat = keys[krows], pend_feat[krows]
                 pend_ids, pend_len, lengths, dlen = pend_ids[krows], pend_len[kb], lengths[kb], dlen[kb]
+                lengths_host = [lengths_host[i] for i in keep]
                 n_out_rows, last_tokens = n_out_rows[kb], last_tokens[kb]
                 active = [active[i] for i in keep]
         if prof is not None:
@@ -508,7 +518,7 @@ class SpeculativeDecoder:
 def stream_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """A per-prompt tensor (B, ...) for every row of the caches (rows = streams·B, [cond; uncond]); a leading 1 is
     shared by every row (expanded, not copied)."""
-    return x.repeat(rows // x.shape[0], *([1] * (x.dim() - 1))) if x.shape[0] > 1 else x.expand(rows, *x.shape[1:])
+    return tile_rows(x, rows // x.shape[0]) if x.shape[0] > 1 else x.expand(rows, *x.shape[1:])
 
 
 def catch_up_mask(keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

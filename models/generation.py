@@ -20,6 +20,7 @@ import torch
 
 from models.sampling import (
     SamplingConfig,
+    cast,
     cfg_combine,
     sample_from_probs,
     sample_token,
@@ -27,6 +28,14 @@ from models.sampling import (
     target_probs,
 )
 from models.token_masks import apply_allowed_tokens
+
+
+def tile_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x.repeat(n, 1, ...)``: n copies of ``x`` stacked along dim 0 ([x; x; ...], e.g. a per-prompt tensor for
+    the cond and uncond rows of the caches), as one concatenation. Same values; on CPU ``repeat`` (a composite
+    of several ops) costs about five times the dispatch of one ``cat``, and a round tiles a dozen tensors."""
+    return torch.cat([x] * n) if n > 1 else x.clone()
+
 
 # one generator shared by the batch, one per prompt, or None (torch's default generator)
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -164,7 +173,7 @@ def choose_tokens(logits, index, cfg_scale: float, sampling: SamplingConfig, all
     probs = target_probs(combined, sampling)
     if uniforms is not None:
         u = uniforms[:, index] if isinstance(index, int) else uniforms.index_select(1, index.reshape(1))[:, 0]
-        return sample_with_uniforms(probs, u.to(probs.device)), combined
+        return sample_with_uniforms(probs, u if u.device == probs.device else u.to(probs.device)), combined
     return (probs / noise).argmax(dim=-1), combined
 
 
@@ -181,12 +190,12 @@ def ar_step(target, token, step, cache, keys_valid, kv_len: int, prefix_len: int
     """
     rows = keys_valid.shape[0]
     pos = step + prefix_len
-    emb = target.embed_tokens(token.repeat(rows // token.shape[0])[:, None])
+    emb = target.embed_tokens(tile_rows(token, rows // token.shape[0])[:, None])
     slots = torch.arange(kv_len, device=pos.device)
     mask = additive_mask(keys_valid[:, None, None, :kv_len] & (slots <= pos), emb.dtype)
     hidden = target.forward_hidden(emb, pos, cache, pos, mask)
     nxt = step + 1
-    tokens, combined = choose_tokens(target.lm_head(hidden[:, -1]).float(), nxt, cfg_scale, sampling, allowed,
+    tokens, combined = choose_tokens(cast(target.lm_head(hidden[:, -1]), torch.float32), nxt, cfg_scale, sampling, allowed,
                                      noise, uniforms)
     return tokens, combined, nxt
 
@@ -226,7 +235,7 @@ def generate_ar(
     if num_tokens == 0:
         return hidden.new_empty(batch, 0, dtype=torch.long), GenerationStats(time.perf_counter() - start, 0, 1)
     step_fn = getattr(target, "ar_step", None) or (lambda *args: ar_step(target, *args))
-    logits = target.lm_head(hidden[:, -1]).float()
+    logits = cast(target.lm_head(hidden[:, -1]), torch.float32)
     draws = not sampling.greedy and uniforms is None  # Exp(1) noise per step, drawn here: see draw_noise
     noise = draw_noise(logits.new_empty(batch, logits.shape[-1]), generator) if draws else None
     if uniforms is not None:

@@ -34,6 +34,12 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, without the call when x already has it (a no-op conversion still costs its dispatch, and
+    a decoding round makes dozens of them)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def cfg_combine(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     """[cond; uncond] (2B, ...) -> uncond + s·(cond − uncond) (B, ...). Without CFG (s == 1) the batch is cond only."""
     if cfg_scale == 1.0:
@@ -67,8 +73,8 @@ def target_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor
     For greedy decoding the temperature-1 distribution is returned (relaxed greedy acceptance compares
     masses); the token choice itself is the argmax.
     """
-    logits = logits.float()
-    if not sampling.greedy:
+    logits = cast(logits, torch.float32)
+    if not sampling.greedy and sampling.temperature != 1.0:  # (x / 1 is x: no op to dispatch)
         logits = logits / sampling.temperature
     logits = top_k_top_p_filter(logits, sampling.top_k, sampling.top_p)
     return torch.softmax(logits, dim=-1)
@@ -87,7 +93,7 @@ def sample_with_uniforms(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.T
     zero probability are never returned (also when rounding pushes u·total onto the total).
     """
     cdf = probs.cumsum(dim=-1)
-    u = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    u = (cast(uniforms, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
     token = torch.searchsorted(cdf, u, right=True).squeeze(-1)
     last_positive = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
     return torch.minimum(token, last_positive)

@@ -3,6 +3,7 @@ the command line (models/drafters/auto_tree.py)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -217,7 +218,11 @@ def test_cli_tree_auto_records_the_calibration_and_the_choice(demo, tmp_path, ca
     assert all(v > 0 for v in auto["calibration"]["measured_round_ms"].values())
     assert set(auto["calibration"]["fitted_round_ms"]) == set(auto["candidates"])
     chosen = auto["choices"][0]["tree"]
-    assert chosen in auto["candidates"] and auto["final_scores"][0]["tree"] == auto["choices"][-1]["tree"]
+    assert chosen in auto["candidates"]
+    # the last choice is the best final score, or within the switching margin of it (near-ties do not flip)
+    margin = inspect.signature(AutoTreeDecoder).parameters["switch_margin"].default
+    final = {r["tree"]: r["expected_tokens_per_s"] for r in auto["final_scores"]}
+    assert final[auto["choices"][-1]["tree"]] >= (1 - margin) * auto["final_scores"][0]["expected_tokens_per_s"]
     stats = json.loads((out / "global_statistics_0_3.json").read_text())  # batches of 2 and 1 prompts
     assert stats["prompt_0"]["tree"] == stats["prompt_1"]["tree"] == chosen
     assert stats["prompt_2"]["tree"] in auto["candidates"]

@@ -29,6 +29,11 @@ class MergedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(super().forward(x).split(self.sizes, dim=-1))
 
+    def fused(self, x: torch.Tensor, first: int) -> tuple[torch.Tensor, ...]:
+        """The output with its first ``first`` parts kept together (one tensor), then the rest one by one: e.g.
+        q and k as one block for a joint rotation, then v."""
+        return tuple(super().forward(x).split([sum(self.sizes[:first])] + self.sizes[first:], dim=-1))
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, parts={self.parts}"
 

@@ -98,7 +98,7 @@ from typing import Literal
 
 import torch
 
-from models.sampling import sample_with_uniforms
+from models.sampling import cast, sample_with_uniforms
 
 from .tree import DraftTree, TreeBatch, stack_trees
 
@@ -382,7 +382,7 @@ def _static_node_caps(
     ms = torch.arange(k + 1, device=dev).view((k + 1,) + (1,) * len(lead))  # candidate m's, leading dim
     slot = torch.arange(k, device=dev)
     caps = torch.zeros(children.shape, dtype=torch.long, device=dev)
-    r, q_rem = target_probs, draft_probs.to(dt)
+    r, q_rem = target_probs, cast(draft_probs, dt)
     reach = torch.ones(lead, dtype=dt, device=dev)
     law = torch.zeros_like(target_probs)
     for j in range(c):
@@ -485,19 +485,20 @@ def _sibling_chain(
     if not sample:
         u = None
     elif uniforms is not None:
-        u = uniforms.to(dt)
+        u = cast(uniforms, dt)
     else:
         u = torch.rand(children.shape, generator=generator, device=dev, dtype=dt)
     if not static and not cfg.enabled:  # the exact dynamic rule has a closed form: every sibling at once
         return _dynamic_exact_chain(target_probs, children, child_mask, u, want_law)
     accepted = torch.full(lead, -1, dtype=torch.long, device=children.device)
     reach = torch.ones(lead, dtype=dt, device=dev)  # R_j: probability that sibling j is tested
-    spent = torch.zeros(lead, dtype=dt, device=dev)  # Σ_{l<j} R_l·c*_l
     law = torch.zeros_like(target_probs) if want_law else None
-    uniform = torch.full_like(target_probs, 1.0 / vocab)
     node_budget = cfg.relax == "lantern" and cfg.budget == "node"
     original = cfg.enabled and cfg.residual != "exact"
-    q_rem = draft_probs.to(dt) if static else None
+    # (allocated only for the rules that read them)
+    spent = torch.zeros(lead, dtype=dt, device=dev) if node_budget else None  # Σ_{l<j} R_l·c*_l
+    uniform = torch.full_like(target_probs, 1.0 / vocab) if original else None
+    q_rem = cast(draft_probs, dt) if static else None
     caps = None
     if static and node_budget and not original:  # the static node budget caps each sibling's prefix instead
         caps = _static_node_caps(target_probs, draft_probs, children, cfg, neighbours, child_mask)
@@ -866,7 +867,7 @@ def _verify_all_nodes(trees: TreeBatch, probs: torch.Tensor, cfg: AcceptConfig, 
     batch, n, _ = trees.children.shape
     dev = probs.device
     rows = trees.internal
-    draft = trees.draft_probs.to(probs.dtype) if trees.draft_probs is not None else None
+    draft = cast(trees.draft_probs, probs.dtype) if trees.draft_probs is not None else None
     if rows is None:
         ch, p, q, u = trees.children, probs, draft, u_sib
     else:
@@ -903,7 +904,7 @@ def _verify_by_level(trees: TreeBatch, probs: torch.Tensor, cfg: AcceptConfig, n
     """The walk from the root, one depth level per step, every prompt's sibling test of the level in one call."""
     batch = trees.batch_size
     dev = probs.device
-    draft = trees.draft_probs.to(probs.dtype) if trees.draft_probs is not None else None
+    draft = cast(trees.draft_probs, probs.dtype) if trees.draft_probs is not None else None
     want_law = cfg.enabled and measure_shift
     cur = torch.zeros(batch, dtype=torch.long, device=dev)
     alive = torch.ones(batch, dtype=torch.bool, device=dev)

@@ -26,13 +26,15 @@ from torch import nn
 
 from models.base_models.llamagen.gpt import (
     RMSNorm,
-    apply_rotary_emb,
     attend,
     cache_window,
     precompute_freqs_cis_2d,
+    rotary_freqs,
+    rotate_qk,
 )
 from models.base_models.merged_linear import merge_linears
 from models.drafters.kv_cache import KVCache
+from models.sampling import cast
 
 # LANTERN's drafter configs name the target by ``input_type``; these are the grid and prefix it implies.
 INPUT_TYPES = {"t2i": (256, 120), "t2i2": (1024, 120), "c2i": (576, 1)}
@@ -93,9 +95,8 @@ class DrafterAttention(nn.Module):
 
     def forward(self, x, freqs, mask, cache, layer, cache_pos, kv_len):
         b, s, _ = x.shape
-        q, k, v = self.qkv_proj(x)
-        q = apply_rotary_emb(q.view(b, s, self.n_head, self.head_dim), freqs).transpose(1, 2)
-        k = apply_rotary_emb(k.view(b, s, self.n_kv, self.head_dim), freqs).transpose(1, 2)
+        qk, v = self.qkv_proj.fused(x, 2)  # q and k rotate together (rotate_qk)
+        q, k = rotate_qk(qk.view(b, s, self.n_head + self.n_kv, self.head_dim), freqs, self.n_head)
         v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         out = attend(q, k, v, mask, cache, layer, cache_pos, kv_len)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
@@ -194,7 +195,7 @@ class EagleDrafter(nn.Module):
         """
         if rope_pos is None:
             rope_pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        h = self.fc(torch.cat([self.embed_tokens(input_ids).to(hidden_states.dtype), hidden_states], dim=-1))
+        h = self.fc(torch.cat([cast(self.embed_tokens(input_ids), hidden_states.dtype), hidden_states], dim=-1))
         cache_pos, kv_len = cache_window(h.shape[1], rope_pos, cache, cache_pos, attn_mask)
         if self.config.family == "chameleon":
             from models.base_models.chameleon.model import rope_cos_sin
@@ -204,7 +205,7 @@ class EagleDrafter(nn.Module):
                 attn_mask = torch.zeros(attn_mask.shape, dtype=h.dtype, device=h.device).masked_fill(
                     ~attn_mask, torch.finfo(h.dtype).min)
         else:
-            freqs = self.freqs_cis[rope_pos]
+            freqs = rotary_freqs(self.freqs_cis[rope_pos])
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, attn_mask, cache, i, cache_pos, kv_len)
         return h

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from models.drafters.acceptance import _verify_all_nodes, _verify_greedy_batch, sibling_uniforms
-from models.generation import GenerationStats, additive_mask
+from models.generation import GenerationStats, additive_mask, tile_rows
 from models.sampling import target_probs
 
 
@@ -104,7 +104,7 @@ def speculative_round(dec, plan: RoundPlan, target, drafter, roots, h_root, leng
     length = keys.shape[1]
     ddtype = dec.drafter_dtype
     slots = torch.arange(length, device=dev)
-    pos_rows = lengths.repeat(streams)
+    pos_rows = tile_rows(lengths, streams)
     committed = keys & (slots < pos_rows[:, None])  # (R, L)
     off = slots[None, :] - pos_rows[:, None]  # a slot's offset from the row's committed length
 
@@ -122,8 +122,8 @@ def speculative_round(dec, plan: RoundPlan, target, drafter, roots, h_root, leng
     tokens = trees.tokens
     # 2. one target forward over every prompt's tree
     vis = committed[:, None, :] | _tree_visibility(off, trees.tree_mask)
-    emb = target.embed_tokens(tokens.repeat(streams, 1))
-    h_t = target.forward_hidden(emb, pos_rows[:, None] + trees.depths.repeat(streams, 1), tcache,
+    emb = target.embed_tokens(tile_rows(tokens, streams))
+    h_t = target.forward_hidden(emb, pos_rows[:, None] + tile_rows(trees.depths, streams), tcache,
                                 pos_rows[:, None] + plan.node_idx, additive_mask(vis[:, None], emb.dtype))
     probs = target_probs(dec._combine(target.lm_head(h_t)), dec.sampling)  # (B, n, V)
     # 3. verify (the engine's all-nodes rule)
@@ -134,15 +134,14 @@ def speculative_round(dec, plan: RoundPlan, target, drafter, roots, h_root, leng
     # 4. commit the accepted path, write the emitted tokens, catch the drafter up on them
     accept = res.accept_len
     steps = torch.minimum(plan.path_idx, accept[:, None])
-    tcache.commit_rows((lengths[:, None] + res.path).repeat(streams, 1),
-                       (lengths[:, None] + steps).repeat(streams, 1))
+    tcache.commit_rows(tile_rows(lengths[:, None] + res.path, streams), tile_rows(lengths[:, None] + steps, streams))
     out_tokens[torch.arange(batch, device=dev)[:, None], n_out[:, None] + plan.path_idx] = res.emitted
-    pend_feat = h_t[torch.arange(rows, device=dev)[:, None], res.path.repeat(streams, 1)]
+    pend_feat = h_t[torch.arange(rows, device=dev)[:, None], tile_rows(res.path, streams)]
     cpos = pos_rows[:, None] + plan.path_idx  # the drafter's committed length is the target's old one
     cmask = keys[:, None, :] & (slots <= cpos[:, :, None])
-    h_d = drafter(pend_feat.to(ddtype), res.emitted.repeat(streams, 1), cpos, dcache, cpos,
+    h_d = drafter(pend_feat.to(ddtype), tile_rows(res.emitted, streams), cpos, dcache, cpos,
                   additive_mask(cmask[:, None], ddtype))
-    h_next = h_d[torch.arange(rows, device=dev), accept.repeat(streams)].to(h_root.dtype)
+    h_next = h_d[torch.arange(rows, device=dev), tile_rows(accept, streams)].to(h_root.dtype)
     grow = torch.where(active, accept + 1, 0)
     # the deepest node of the active prompts' trees (a dynamic tree may stop short of D): the sampled
     # verifier's statistics by depth stop there, as verify_trees reports them (greedy: all D depths)
@@ -205,7 +204,7 @@ def generate_fused(dec, prefix, generator=None) -> tuple[torch.Tensor, Generatio
     out_tokens[:, 0] = roots
     # the drafter's catch-up on the prefix (its length is the prompt's): once, eagerly
     # (condition prefixes only, fused_supported: their positions carry token id 0, the last one the root)
-    ids = torch.cat([torch.zeros(batch, t - 1, dtype=torch.long, device=dev), roots[:, None]], 1).repeat(streams, 1)
+    ids = tile_rows(torch.cat([torch.zeros(batch, t - 1, dtype=torch.long, device=dev), roots[:, None]], 1), streams)
     pos = torch.arange(t, device=dev).expand(rows, -1)
     h_root = dec._run_drafter(hidden, ids, pos, dcache, pos, catch_up_mask(keys, pos))[:, -1]
     h_root = h_root.to(hidden.dtype).contiguous()  # the layout of the round's own output (one graph)

@@ -40,13 +40,16 @@ class KVCache:
         self, layer: int, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, q, D) at ``cache_pos`` (q,) or per row (B, q); return the first ``kv_len`` slots."""
+        dt = self.k[layer].dtype
+        if k.dtype != dt:  # (converted only when they differ: a no-op conversion still costs its dispatch)
+            k, v = k.to(dt), v.to(dt)
         if cache_pos.ndim == 1:
-            self.k[layer].index_copy_(2, cache_pos, k.to(self.k[layer].dtype))
-            self.v[layer].index_copy_(2, cache_pos, v.to(self.v[layer].dtype))
+            self.k[layer].index_copy_(2, cache_pos, k)
+            self.v[layer].index_copy_(2, cache_pos, v)
         else:  # row b writes its q entries at its own slots cache_pos[b]
             rows = torch.arange(k.shape[0], device=cache_pos.device)[:, None]
-            self.k[layer][rows, :, cache_pos] = k.transpose(1, 2).to(self.k[layer].dtype)
-            self.v[layer][rows, :, cache_pos] = v.transpose(1, 2).to(self.v[layer].dtype)
+            self.k[layer][rows, :, cache_pos] = k.transpose(1, 2)
+            self.v[layer][rows, :, cache_pos] = v.transpose(1, 2)
         return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
 
     def commit(self, src_pos: torch.Tensor, dst_start: int) -> None:

@@ -114,6 +114,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the same arithmetic without two no-op conversions to dispatch
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -141,7 +143,8 @@ def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     (explicit per-row positions: batched speculative decoding, where every prompt sits at its own position).
     Under ``torch.compile`` (``--compile``) the product is written out on (cos, sin) pairs instead: inductor
     fuses that into the surrounding kernels, whereas complex views and products are aten fallbacks (~10
-    extra launches per layer and step).
+    extra launches per layer and step). ``freqs`` may also be :func:`rotary_freqs`' complex form, which a
+    model computes once per forward for all its layers.
     """
     if torch.compiler.is_compiling():
         xs = x.float().reshape(*x.shape[:-1], -1, 2)
@@ -149,9 +152,29 @@ def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         re, im = xs[..., 0], xs[..., 1]
         cos, sin = f[..., 0], f[..., 1]
         return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(3).type_as(x)
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
-    fc = torch.view_as_complex(freqs.float().contiguous()).unsqueeze(-2)  # (S, 1, D/2) or (B, S, 1, D/2)
-    return torch.view_as_real(xc * fc).flatten(3).type_as(x)
+    fc = freqs if freqs.is_complex() else rotary_freqs(freqs)
+    fp32 = x.dtype == torch.float32  # (float32: no conversions to dispatch, the same numbers)
+    xc = torch.view_as_complex((x if fp32 else x.float()).reshape(*x.shape[:-1], -1, 2).contiguous())
+    out = torch.view_as_real(xc * fc).flatten(3)
+    return out if fp32 else out.type_as(x)
+
+
+def rotary_freqs(freqs: torch.Tensor) -> torch.Tensor:
+    """The (cos, sin) rows ``freqs`` (S, D/2, 2) or (B, S, D/2, 2) as the complex factors (S, 1, D/2) or
+    (B, S, 1, D/2) that :func:`apply_rotary_emb` multiplies by: converted once per forward instead of in every
+    layer. Under ``torch.compile`` they stay (cos, sin) pairs (the compiled rotation works on the pairs)."""
+    if torch.compiler.is_compiling():
+        return freqs
+    f = freqs if freqs.dtype == torch.float32 else freqs.float()
+    return torch.view_as_complex(f.contiguous()).unsqueeze(-2)
+
+
+def rotate_qk(qk: torch.Tensor, freqs: torch.Tensor, n_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on the query and key heads of one projection together: ``qk`` (B, S, n_q + n_kv, D) -> q (B, n_q, S, D)
+    and k (B, n_kv, S, D). The rotation acts on every head alike, so one call over both gives the numbers of one
+    call each, with half the ops."""
+    q, k = apply_rotary_emb(qk, freqs).split([n_q, qk.shape[2] - n_q], dim=2)
+    return q.transpose(1, 2), k.transpose(1, 2)
 
 
 def attend(
@@ -172,7 +195,8 @@ def attend(
     """
     if cache is not None:
         k, v = cache.update(layer, cache_pos, k, v, kv_len)
-        k, v = k.to(q.dtype), v.to(q.dtype)
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -204,13 +228,12 @@ class Attention(nn.Module):
     def forward(self, x, freqs, mask, cache: KVCache | None, layer: int, cache_pos, kv_len):
         b, s, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary_emb(q.view(b, s, self.n_head, self.head_dim), freqs).transpose(1, 2)
-        k = apply_rotary_emb(k.view(b, s, self.n_kv_head, self.head_dim), freqs).transpose(1, 2)
+        qk, v = self.wqkv(x).split([q_size + kv_size, kv_size], dim=-1)
+        q, k = rotate_qk(qk.view(b, s, self.n_head + self.n_kv_head, self.head_dim), freqs, self.n_head)
         v = v.view(b, s, self.n_kv_head, self.head_dim).transpose(1, 2)
         dropout = self.attn_dropout_p if self.training else 0.0
-        out = attend(q, k, v, mask, cache, layer, cache_pos, kv_len, dropout)
-        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, s, -1)))
+        out = self.wo(attend(q, k, v, mask, cache, layer, cache_pos, kv_len, dropout).transpose(1, 2).reshape(b, s, -1))
+        return self.resid_dropout(out) if self.training else out  # (eval: dropout is the identity)
 
 
 class FeedForward(nn.Module):
@@ -223,7 +246,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x)
-        return self.ffn_dropout(self.w2(F.silu(gate) * up))
+        out = self.w2(F.silu(gate) * up)
+        return self.ffn_dropout(out) if self.training else out
 
 
 class TransformerBlock(nn.Module):
@@ -352,7 +376,7 @@ class LlamaGenGPT(nn.Module):
         mask, attention is causal over the q inputs.
         """
         cache_pos, kv_len = cache_window(h.shape[1], rope_pos, cache, cache_pos, attn_mask)
-        freqs = self.freqs_cis[rope_pos]
+        freqs = rotary_freqs(self.freqs_cis[rope_pos])
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, attn_mask, cache, i, cache_pos, kv_len)
         return self.norm(h)
