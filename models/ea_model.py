@@ -396,6 +396,7 @@ class SpeculativeDecoder:
                                             roots[:, None]], dim=1), streams)
         pend_len = torch.full((batch,), t, dtype=torch.long, device=dev)
         dlen = torch.zeros(batch, dtype=torch.long, device=dev)
+        dlen_host = [0] * batch
         per = [{"accept_lengths": [], "attempted": [], "accepted": [], "image_counts": [], "node_tvd": []}
                for _ in range(batch)]
         rounds = []  # per round: (active prompts, accepted lengths, batched verify result), read after the loop
@@ -423,10 +424,11 @@ class SpeculativeDecoder:
                 # 1. drafter catch-up, every row at its own slots/positions dlen + j (padded entries are discarded)
                 m = pend_ids.shape[1]
                 pos = tile_rows(dlen, streams)[:, None] + torch.arange(m, device=dev)  # (rows, m)
-                h_d = self._run_drafter(pend_feat, pend_ids, pos, dcache, pos, catch_up_mask(keys, pos))
+                h_d = self._run_drafter(pend_feat, pend_ids, pos, dcache, pos,
+                                        catch_up_mask(keys, pos, max(dlen_host) + m))
                 last = tile_rows(pend_len - 1, streams)
                 h_root = h_d[torch.arange(rows, device=dev), last][:, None]  # (rows, 1, H)
-                dlen = lengths.clone()
+                dlen, dlen_host = lengths, lengths_host  # (neither is changed in place)
                 if prof is not None:
                     prof.mark("tree")
                 # 2. trees, written from the longest committed length on (shared slots)
@@ -496,6 +498,7 @@ class SpeculativeDecoder:
                 keys, pend_feat = keys[krows], pend_feat[krows]
                 pend_ids, pend_len, lengths, dlen = pend_ids[krows], pend_len[kb], lengths[kb], dlen[kb]
                 lengths_host = [lengths_host[i] for i in keep]
+                dlen_host = [dlen_host[i] for i in keep]
                 n_out_rows, last_tokens = n_out_rows[kb], last_tokens[kb]
                 active = [active[i] for i in keep]
         if prof is not None:
@@ -521,10 +524,11 @@ def stream_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return tile_rows(x, rows // x.shape[0]) if x.shape[0] > 1 else x.expand(rows, *x.shape[1:])
 
 
-def catch_up_mask(keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def catch_up_mask(keys: torch.Tensor, pos: torch.Tensor, kv: int | None = None) -> torch.Tensor:
     """The drafter catch-up's mask (rows, 1, m, kv): query j of a row (at slot ``pos[r, j]``) sees the row's valid
-    slots up to its own, and always itself (a padded prefix position has nothing else); kv = the last slot + 1."""
-    kv = int(pos.max()) + 1
+    slots up to its own, and always itself (a padded prefix position has nothing else); kv = the last slot + 1
+    (given by a caller that knows it on the host; otherwise read from ``pos``, a host sync)."""
+    kv = int(pos.max()) + 1 if kv is None else kv
     slot = torch.arange(kv, device=pos.device)
     return ((keys[:, None, :kv] & (slot <= pos[:, :, None])) | (slot == pos[:, :, None]))[:, None]
 
