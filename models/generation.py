@@ -173,7 +173,7 @@ def choose_tokens(logits, index, cfg_scale: float, sampling: SamplingConfig, all
     probs = target_probs(combined, sampling)
     if uniforms is not None:
         u = uniforms[:, index] if isinstance(index, int) else uniforms.index_select(1, index.reshape(1))[:, 0]
-        return sample_with_uniforms(probs, u if u.device == probs.device else u.to(probs.device)), combined
+        return sample_with_uniforms(probs, u.to(probs.device)), combined
     return (probs / noise).argmax(dim=-1), combined
 
 

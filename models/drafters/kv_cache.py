@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from models.sampling import cast
+
 
 class KVCache:
     """Static cache for ``n_layers`` attention layers."""
@@ -40,9 +42,7 @@ class KVCache:
         self, layer: int, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, q, D) at ``cache_pos`` (q,) or per row (B, q); return the first ``kv_len`` slots."""
-        dt = self.k[layer].dtype
-        if k.dtype != dt:  # (converted only when they differ: a no-op conversion still costs its dispatch)
-            k, v = k.to(dt), v.to(dt)
+        k, v = cast(k, self.k[layer].dtype), cast(v, self.v[layer].dtype)
         if cache_pos.ndim == 1:
             self.k[layer].index_copy_(2, cache_pos, k)
             self.v[layer].index_copy_(2, cache_pos, v)

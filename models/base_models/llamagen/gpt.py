@@ -27,6 +27,7 @@ from torch import nn
 
 from models.base_models.merged_linear import merge_linears
 from models.drafters.kv_cache import KVCache
+from models.sampling import cast
 
 # Sizes as LlamaGen names them (n_layer, n_head, dim).
 GPT_SIZES: dict[str, dict[str, int]] = {
@@ -153,10 +154,8 @@ def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         cos, sin = f[..., 0], f[..., 1]
         return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(3).type_as(x)
     fc = freqs if freqs.is_complex() else rotary_freqs(freqs)
-    fp32 = x.dtype == torch.float32  # (float32: no conversions to dispatch, the same numbers)
-    xc = torch.view_as_complex((x if fp32 else x.float()).reshape(*x.shape[:-1], -1, 2).contiguous())
-    out = torch.view_as_real(xc * fc).flatten(3)
-    return out if fp32 else out.type_as(x)
+    xc = torch.view_as_complex(cast(x, torch.float32).reshape(*x.shape[:-1], -1, 2).contiguous())
+    return cast(torch.view_as_real(xc * fc).flatten(3), x.dtype)
 
 
 def rotary_freqs(freqs: torch.Tensor) -> torch.Tensor:
@@ -165,8 +164,7 @@ def rotary_freqs(freqs: torch.Tensor) -> torch.Tensor:
     layer. Under ``torch.compile`` they stay (cos, sin) pairs (the compiled rotation works on the pairs)."""
     if torch.compiler.is_compiling():
         return freqs
-    f = freqs if freqs.dtype == torch.float32 else freqs.float()
-    return torch.view_as_complex(f.contiguous()).unsqueeze(-2)
+    return torch.view_as_complex(cast(freqs, torch.float32).contiguous()).unsqueeze(-2)
 
 
 def rotate_qk(qk: torch.Tensor, freqs: torch.Tensor, n_q: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,8 +193,7 @@ def attend(
     """
     if cache is not None:
         k, v = cache.update(layer, cache_pos, k, v, kv_len)
-        if k.dtype != q.dtype:
-            k, v = k.to(q.dtype), v.to(q.dtype)
+        k, v = cast(k, q.dtype), cast(v, q.dtype)
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
